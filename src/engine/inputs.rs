@@ -1,0 +1,59 @@
+//! Turning a `TokenizedPrompt`'s images into model tensors: pixel values in, image features out, and
+//! the rows of a step's flattened batch that they replace.
+
+use candle_core::{Device, Tensor};
+
+use crate::model::{LlavaModel, ModelError};
+use crate::types::{ImageSpan, ProcessedImage};
+
+/// Stacks images into `[n, c, h, w]` pixel values.
+pub fn pixel_values(images: &[ProcessedImage], device: &Device) -> Result<Tensor, ModelError> {
+    let tensors = images
+        .iter()
+        .map(|img| {
+            Tensor::from_slice(&img.pixel_values, (img.channels, img.height, img.width), device)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&tensors, 0)?)
+}
+
+/// Every image's projected features, one `[features, hidden]` tensor per image.
+pub fn encode_images(
+    model: &LlavaModel,
+    images: &[ProcessedImage],
+) -> Result<Vec<Tensor>, ModelError> {
+    if images.is_empty() {
+        return Ok(Vec::new());
+    }
+    let features = model.encode_images(&pixel_values(images, model.device())?)?;
+    (0..images.len())
+        .map(|i| Ok(features.get(i)?))
+        .collect()
+}
+
+/// The image rows that fall inside prompt positions `[start, start + len)`, as (features, batch rows)
+/// with rows counted from `batch_offset`, the first row of this sequence's tokens in the step.
+pub fn image_rows_in_range(
+    spans: &[ImageSpan],
+    features: &[Tensor],
+    start: usize,
+    len: usize,
+    batch_offset: usize,
+) -> Result<Option<(Tensor, Vec<u32>)>, ModelError> {
+    let end = start + len;
+    let mut parts = Vec::new();
+    let mut rows = Vec::new();
+    for (span, feats) in spans.iter().zip(features) {
+        let lo = span.start.max(start);
+        let hi = (span.start + span.len).min(end);
+        if lo >= hi {
+            continue;
+        }
+        parts.push(feats.narrow(0, lo - span.start, hi - lo)?);
+        rows.extend((lo..hi).map(|p| (p - start + batch_offset) as u32));
+    }
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((Tensor::cat(&parts, 0)?, rows)))
+}

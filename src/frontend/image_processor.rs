@@ -1,0 +1,352 @@
+//! CLIPImageProcessor / LlavaImageProcessor as llava-hf configures them, every value read from the
+//! checkpoint's `preprocessor_config.json`: RGB conversion (alpha composited onto white, as
+//! transformers does), optional pad-to-square with the mean colour, shortest-edge bicubic resize
+//! (Pillow-exact), center crop, rescale, normalize.
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+use super::pil_resize::{resize_bicubic, Image8};
+use super::FrontendError;
+use crate::types::ProcessedImage;
+
+#[derive(Debug, Clone, Deserialize)]
+struct RawSize {
+    shortest_edge: Option<usize>,
+    height: Option<usize>,
+    width: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct RawProcessorConfig {
+    image_processor_type: Option<String>,
+    do_resize: Option<bool>,
+    size: Option<RawSize>,
+    resample: Option<u32>,
+    do_center_crop: Option<bool>,
+    crop_size: Option<RawSize>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f64>,
+    do_normalize: Option<bool>,
+    image_mean: Option<Vec<f64>>,
+    image_std: Option<Vec<f64>>,
+    do_convert_rgb: Option<bool>,
+    do_pad: Option<bool>,
+}
+
+/// Target of the resize step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeTarget {
+    /// Short side to this length, long side scaled and truncated.
+    ShortestEdge(usize),
+    Exact { height: usize, width: usize },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessorConfig {
+    pub resize: Option<ResizeTarget>,
+    pub crop: Option<(usize, usize)>,
+    pub rescale_factor: Option<f64>,
+    pub normalize: Option<([f32; 3], [f32; 3])>,
+    pub convert_rgb: bool,
+    pub pad_to_square: bool,
+    pub image_mean: [f64; 3],
+}
+
+const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+const PIL_BICUBIC: u32 = 3;
+
+fn three(name: &str, v: Option<Vec<f64>>, default: [f64; 3]) -> Result<[f64; 3], FrontendError> {
+    match v {
+        None => Ok(default),
+        Some(v) => v.try_into().map_err(|v: Vec<f64>| {
+            FrontendError::Config(format!("{name} needs 3 values, got {}", v.len()))
+        }),
+    }
+}
+
+impl ImageProcessorConfig {
+    pub fn from_file(path: &Path) -> Result<Self, FrontendError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| FrontendError::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_json(&text)
+            .map_err(|e| FrontendError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// CLIPImageProcessor defaults for absent fields; `do_pad` only for `LlavaImageProcessor`.
+    pub fn from_json(json: &str) -> Result<Self, FrontendError> {
+        let raw: RawProcessorConfig =
+            serde_json::from_str(json).map_err(|e| FrontendError::Config(e.to_string()))?;
+        let kind = raw.image_processor_type.as_deref().unwrap_or("CLIPImageProcessor");
+        let is_llava = kind.starts_with("LlavaImageProcessor");
+        if !is_llava && !kind.starts_with("CLIPImageProcessor") {
+            return Err(FrontendError::Config(format!(
+                "image_processor_type {kind:?} is not supported (CLIPImageProcessor or LlavaImageProcessor)"
+            )));
+        }
+        let resample = raw.resample.unwrap_or(PIL_BICUBIC);
+        if resample != PIL_BICUBIC {
+            return Err(FrontendError::Config(format!(
+                "resample {resample} is not supported (only 3, bicubic)"
+            )));
+        }
+        let resize = if raw.do_resize.unwrap_or(true) {
+            Some(match raw.size {
+                None => ResizeTarget::ShortestEdge(224),
+                Some(RawSize {
+                    shortest_edge: Some(s),
+                    ..
+                }) => ResizeTarget::ShortestEdge(s),
+                Some(RawSize {
+                    height: Some(height),
+                    width: Some(width),
+                    ..
+                }) => ResizeTarget::Exact { height, width },
+                Some(_) => {
+                    return Err(FrontendError::Config(
+                        "size needs shortest_edge or height and width".into(),
+                    ))
+                }
+            })
+        } else {
+            None
+        };
+        let crop = if raw.do_center_crop.unwrap_or(true) {
+            Some(match raw.crop_size {
+                None => (224, 224),
+                Some(RawSize {
+                    height: Some(h),
+                    width: Some(w),
+                    ..
+                }) => (h, w),
+                Some(RawSize {
+                    shortest_edge: Some(s),
+                    ..
+                }) => (s, s),
+                Some(_) => return Err(FrontendError::Config("crop_size needs height and width".into())),
+            })
+        } else {
+            None
+        };
+        let mean = three("image_mean", raw.image_mean, CLIP_MEAN)?;
+        let std = three("image_std", raw.image_std, CLIP_STD)?;
+        if std.contains(&0.0) {
+            return Err(FrontendError::Config("image_std must not contain 0".into()));
+        }
+        let f32s = |v: [f64; 3]| v.map(|x| x as f32);
+        Ok(Self {
+            resize,
+            crop,
+            rescale_factor: raw
+                .do_rescale
+                .unwrap_or(true)
+                .then(|| raw.rescale_factor.unwrap_or(1.0 / 255.0)),
+            normalize: raw
+                .do_normalize
+                .unwrap_or(true)
+                .then(|| (f32s(mean), f32s(std))),
+            convert_rgb: raw.do_convert_rgb.unwrap_or(true),
+            pad_to_square: is_llava && raw.do_pad.unwrap_or(false),
+            image_mean: mean,
+        })
+    }
+
+    /// Decodes encoded image bytes (png, jpeg, webp, gif) and preprocesses them.
+    pub fn process_bytes(&self, bytes: &[u8]) -> Result<ProcessedImage, FrontendError> {
+        let decoded = image::load_from_memory(bytes)
+            .map_err(|e| FrontendError::Image(format!("cannot decode image: {e}")))?;
+        Ok(self.process(&to_rgb8(&decoded)))
+    }
+
+    /// Preprocesses an RGB image into CHW pixel values.
+    pub fn process(&self, rgb: &Image8) -> ProcessedImage {
+        let content_hash = content_hash(rgb);
+        let mut img = if self.pad_to_square {
+            pad_to_square(rgb, self.mean_colour())
+        } else {
+            rgb.clone()
+        };
+        if let Some(target) = self.resize {
+            let (w, h) = resize_output_size(img.width, img.height, target);
+            img = resize_bicubic(&img, w, h);
+        }
+        if let Some((ch, cw)) = self.crop {
+            img = center_crop(&img, ch, cw);
+        }
+        let plane = img.width * img.height;
+        let mut pixel_values = vec![0f32; 3 * plane];
+        for (i, px) in img.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                // Rescale in f64 then cast, as numpy does on a uint8 array times a Python float.
+                let mut v = match self.rescale_factor {
+                    Some(f) => (px[c] as f64 * f) as f32,
+                    None => px[c] as f32,
+                };
+                if let Some((mean, std)) = &self.normalize {
+                    v = (v - mean[c]) / std[c];
+                }
+                pixel_values[c * plane + i] = v;
+            }
+        }
+        ProcessedImage {
+            pixel_values,
+            channels: 3,
+            height: img.height,
+            width: img.width,
+            content_hash,
+        }
+    }
+
+    /// The pad colour of LlavaImageProcessor: `int(m * 255)` of each mean.
+    fn mean_colour(&self) -> [u8; 3] {
+        self.image_mean.map(|m| (m * 255.0) as u8)
+    }
+}
+
+/// HF's `get_resize_output_image_size` with `default_to_square=False`: (width, height).
+fn resize_output_size(w: usize, h: usize, target: ResizeTarget) -> (usize, usize) {
+    match target {
+        ResizeTarget::Exact { height, width } => (width, height),
+        ResizeTarget::ShortestEdge(s) => {
+            let (short, long) = if w <= h { (w, h) } else { (h, w) };
+            let new_long = (s as f64 * long as f64 / short as f64) as usize;
+            if w <= h {
+                (s, new_long)
+            } else {
+                (new_long, s)
+            }
+        }
+    }
+}
+
+/// Pads to a square canvas of the mean colour, the image centred (offsets rounded down).
+fn pad_to_square(img: &Image8, colour: [u8; 3]) -> Image8 {
+    let side = img.width.max(img.height);
+    if img.width == img.height {
+        return img.clone();
+    }
+    let mut data: Vec<u8> = colour.iter().copied().cycle().take(side * side * 3).collect();
+    let (x0, y0) = ((side - img.width) / 2, (side - img.height) / 2);
+    for y in 0..img.height {
+        let src = &img.data[y * img.width * 3..(y + 1) * img.width * 3];
+        let start = ((y0 + y) * side + x0) * 3;
+        data[start..start + src.len()].copy_from_slice(src);
+    }
+    Image8 {
+        width: side,
+        height: side,
+        channels: 3,
+        data,
+    }
+}
+
+/// HF's `center_crop`: crop at `((h−ch)//2, (w−cw)//2)`; a crop larger than the image pads with zeros.
+fn center_crop(img: &Image8, crop_h: usize, crop_w: usize) -> Image8 {
+    if img.height == crop_h && img.width == crop_w {
+        return img.clone();
+    }
+    // Offsets of the crop window in the image's coordinates, floor-divided like Python's `//`.
+    let top = (img.height as i64 - crop_h as i64).div_euclid(2);
+    let left = (img.width as i64 - crop_w as i64).div_euclid(2);
+    let mut data = vec![0u8; crop_h * crop_w * 3];
+    for y in 0..crop_h {
+        let sy = top + y as i64;
+        if sy < 0 || sy >= img.height as i64 {
+            continue;
+        }
+        for x in 0..crop_w {
+            let sx = left + x as i64;
+            if sx < 0 || sx >= img.width as i64 {
+                continue;
+            }
+            let s = (sy as usize * img.width + sx as usize) * 3;
+            let d = (y * crop_w + x) * 3;
+            data[d..d + 3].copy_from_slice(&img.data[s..s + 3]);
+        }
+    }
+    Image8 {
+        width: crop_w,
+        height: crop_h,
+        channels: 3,
+        data,
+    }
+}
+
+/// RGB conversion as transformers does it: transparency is composited onto white with Pillow's
+/// `alpha_composite` integer arithmetic; images without alpha convert directly.
+pub fn to_rgb8(img: &image::DynamicImage) -> Image8 {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let data = if img.color().has_alpha() {
+        img.to_rgba8()
+            .pixels()
+            .flat_map(|p| {
+                let a = p[3] as u32;
+                [0, 1, 2].map(|c| composite_on_white(p[c] as u32, a))
+            })
+            .collect()
+    } else {
+        img.to_rgb8().into_raw()
+    };
+    Image8 {
+        width,
+        height,
+        channels: 3,
+        data,
+    }
+}
+
+/// Pillow's `AlphaComposite.c` for an opaque white destination (7 extra precision bits).
+fn composite_on_white(src: u32, alpha: u32) -> u8 {
+    if alpha == 0 {
+        return 255;
+    }
+    const PRECISION: u32 = 7;
+    let coef1 = alpha << PRECISION;
+    let coef2 = (255 << PRECISION) - coef1;
+    let tmp = src * coef1 + 255 * coef2 + (0x80 << PRECISION);
+    ((((tmp >> 8) + tmp) >> 8) >> PRECISION) as u8
+}
+
+fn content_hash(img: &Image8) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update((img.width as u64).to_le_bytes());
+    h.update((img.height as u64).to_le_bytes());
+    h.update(&img.data);
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortest_edge_truncates_the_long_side() {
+        assert_eq!(resize_output_size(640, 480, ResizeTarget::ShortestEdge(336)), (448, 336));
+        assert_eq!(resize_output_size(200, 300, ResizeTarget::ShortestEdge(336)), (336, 504));
+        assert_eq!(resize_output_size(640, 480, ResizeTarget::ShortestEdge(224)), (298, 224));
+    }
+
+    #[test]
+    fn composite_matches_first_principles_at_the_ends() {
+        assert_eq!(composite_on_white(10, 255), 10);
+        assert_eq!(composite_on_white(10, 0), 255);
+        // Half transparent black on white is mid grey: 255·(255−128)/255 ≈ 127.
+        assert_eq!(composite_on_white(0, 128), 127);
+    }
+
+    #[test]
+    fn pad_centres_the_image() {
+        let img = Image8 {
+            width: 1,
+            height: 3,
+            channels: 3,
+            data: vec![9; 9],
+        };
+        let out = pad_to_square(&img, [1, 2, 3]);
+        assert_eq!((out.width, out.height), (3, 3));
+        assert_eq!(&out.data[0..3], &[1, 2, 3]);
+        assert_eq!(&out.data[3..6], &[9, 9, 9]);
+    }
+}

@@ -1,0 +1,31 @@
+//! Client input → `TokenizedPrompt`: image decoding and CLIP preprocessing, the chat template,
+//! tokenization with image placeholders. Knows the model only through `model::config`.
+
+pub mod chat_template;
+pub mod image_processor;
+pub mod pil_resize;
+pub mod prompt;
+
+pub use image_processor::ImageProcessorConfig;
+pub use prompt::{ChatMessage, MessagePart, PromptBuilder, Role};
+
+/// Everything the frontend can reject, each with a message that says what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("checkpoint config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Image(String),
+    #[error("{0}")]
+    Template(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("the prompt has {placeholders} image placeholders but {images} images were given")]
+    ImageCountMismatch { placeholders: usize, images: usize },
+    #[error("the prompt is {prompt_tokens} tokens; with {reserved} tokens to generate it exceeds the context of {max_context} tokens")]
+    PromptTooLong {
+        prompt_tokens: usize,
+        reserved: usize,
+        max_context: usize,
+    },
+}

@@ -1,0 +1,235 @@
+//! Chat messages → model input: the chat template renders them, the tokenizer encodes the text, and
+//! each image token becomes the run of placeholders its features will fill (HF's LlavaProcessor does
+//! the same expansion on the string; expanding the ids is equivalent since `<image>` is a special token).
+
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+use super::chat_template::{ChatTemplate, TemplateMessage, TemplatePart};
+use super::FrontendError;
+use crate::model::config::LlavaConfig;
+use crate::types::{ImageSpan, ProcessedImage, TokenizedPrompt};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// A part of a message, in the order the client sent it. Images are numbered by their order of
+/// appearance across the whole conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessagePart {
+    Text(String),
+    Image,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub parts: Vec<MessagePart>,
+}
+
+/// Renders and tokenizes prompts for one checkpoint.
+pub struct PromptBuilder {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    bos_token: String,
+    eos_token: String,
+    image_token_id: u32,
+    features_per_image: usize,
+    max_context: usize,
+}
+
+impl PromptBuilder {
+    /// Reads `tokenizer.json`, `tokenizer_config.json` and the chat template from the checkpoint folder.
+    pub fn from_checkpoint(dir: &Path, config: &LlavaConfig) -> Result<Self, FrontendError> {
+        let tokenizer = load_tokenizer(dir)?;
+        let template = ChatTemplate::from_checkpoint(dir)?;
+        let special = SpecialTokens::from_checkpoint(dir)?;
+        if tokenizer.id_to_token(config.image_token_id).is_none() {
+            return Err(FrontendError::Config(format!(
+                "the tokenizer has no token with the image token id {}",
+                config.image_token_id
+            )));
+        }
+        Ok(Self {
+            tokenizer,
+            template,
+            bos_token: special.bos,
+            eos_token: special.eos,
+            image_token_id: config.image_token_id,
+            features_per_image: config.image_feature_count(),
+            max_context: config.text.max_position_embeddings,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// The chat template's text for these messages, generation prompt appended.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, FrontendError> {
+        let messages: Vec<TemplateMessage> = messages
+            .iter()
+            .map(|m| TemplateMessage {
+                role: m.role.as_str(),
+                content: m
+                    .parts
+                    .iter()
+                    .map(|p| match p {
+                        MessagePart::Text(text) => TemplatePart::Text { text: text.clone() },
+                        MessagePart::Image => TemplatePart::Image,
+                    })
+                    .collect(),
+            })
+            .collect();
+        self.template
+            .render(&messages, &self.bos_token, &self.eos_token, true)
+    }
+
+    /// Tokenizes rendered text and expands each image token; `images` in placeholder order.
+    /// `reserve` tokens (the generation budget) must still fit in the context.
+    pub fn tokenize(
+        &self,
+        text: &str,
+        images: Vec<ProcessedImage>,
+        reserve: usize,
+    ) -> Result<TokenizedPrompt, FrontendError> {
+        // The template may already start with BOS; the tokenizer must not add a second one.
+        let add_special = self.bos_token.is_empty() || !text.starts_with(&self.bos_token);
+        let encoding = self
+            .tokenizer
+            .encode(text, add_special)
+            .map_err(|e| FrontendError::Tokenizer(e.to_string()))?;
+        let compact = encoding.get_ids();
+        let placeholders = compact.iter().filter(|&&t| t == self.image_token_id).count();
+        if placeholders != images.len() {
+            return Err(FrontendError::ImageCountMismatch {
+                placeholders,
+                images: images.len(),
+            });
+        }
+        let mut token_ids = Vec::with_capacity(compact.len() + placeholders * self.features_per_image);
+        let mut image_spans = Vec::with_capacity(placeholders);
+        for &id in compact {
+            if id == self.image_token_id {
+                image_spans.push(ImageSpan {
+                    start: token_ids.len(),
+                    len: self.features_per_image,
+                });
+                token_ids.extend(std::iter::repeat_n(id, self.features_per_image));
+            } else {
+                token_ids.push(id);
+            }
+        }
+        if token_ids.len() + reserve > self.max_context {
+            return Err(FrontendError::PromptTooLong {
+                prompt_tokens: token_ids.len(),
+                reserved: reserve,
+                max_context: self.max_context,
+            });
+        }
+        Ok(TokenizedPrompt {
+            token_ids,
+            images,
+            image_spans,
+        })
+    }
+
+    /// Renders and tokenizes a conversation in one go.
+    pub fn build(
+        &self,
+        messages: &[ChatMessage],
+        images: Vec<ProcessedImage>,
+        reserve: usize,
+    ) -> Result<TokenizedPrompt, FrontendError> {
+        let text = self.render(messages)?;
+        self.tokenize(&text, images, reserve)
+    }
+
+    /// Generated ids → text, special tokens skipped (as HF's `batch_decode(skip_special_tokens=True)`).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, FrontendError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| FrontendError::Tokenizer(e.to_string()))
+    }
+}
+
+pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, FrontendError> {
+    let path = dir.join("tokenizer.json");
+    Tokenizer::from_file(&path)
+        .map_err(|e| FrontendError::Config(format!("cannot load {}: {e}", path.display())))
+}
+
+struct SpecialTokens {
+    bos: String,
+    eos: String,
+}
+
+impl SpecialTokens {
+    /// From `tokenizer_config.json`, where a token is a string or `{"content": ...}`.
+    fn from_checkpoint(dir: &Path) -> Result<Self, FrontendError> {
+        let path = dir.join("tokenizer_config.json");
+        let json: serde_json::Value = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                FrontendError::Config(format!("{} is not valid JSON: {e}", path.display()))
+            })?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let token = |key: &str| -> String {
+            match json.get(key) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(obj) => obj
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+                None => String::new(),
+            }
+        };
+        Ok(Self {
+            bos: token("bos_token"),
+            eos: token("eos_token"),
+        })
+    }
+}
+
+/// EOS ids from `generation_config.json` (an id or a list), falling back to `config.json`-less default 2.
+pub fn eos_token_ids(dir: &Path) -> Vec<u32> {
+    let read = |name: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
+    };
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        match v {
+            serde_json::Value::Number(n) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+            serde_json::Value::Array(a) => a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32).collect(),
+            _ => Vec::new(),
+        }
+    };
+    for name in ["generation_config.json", "config.json"] {
+        if let Some(found) = read(name)
+            .and_then(|j| j.get("eos_token_id").cloned())
+            .map(|v| ids(&v))
+            .filter(|v| !v.is_empty())
+        {
+            return found;
+        }
+    }
+    vec![2]
+}

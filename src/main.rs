@@ -1,0 +1,125 @@
+//! The `llava-server` command line. Every flag has an `LLAVA_SERVER_*` environment twin.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+
+use llava_server::engine::{generate, GenerateOptions};
+use llava_server::frontend::{prompt::eos_token_ids, ChatMessage, ImageProcessorConfig, MessagePart, PromptBuilder, Role};
+use llava_server::model::{parse_device, parse_dtype, resolve_checkpoint, LlavaConfig, LlavaModel};
+use llava_server::types::SamplingParams;
+
+/// The tiny random-weight checkpoint shipped with the repository, used when no model is named.
+const BUNDLED_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny");
+
+#[derive(Parser)]
+#[command(name = "llava-server", version, about = "OpenAI-compatible inference server for LLaVA models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one prompt (with optional images) and print only the generated text.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Checkpoint: a local llava-hf folder or a hub id (default: the repository's tiny test fixture).
+    #[arg(long, env = "LLAVA_SERVER_MODEL", default_value = BUNDLED_FIXTURE)]
+    model: String,
+    /// The user's text.
+    #[arg(long)]
+    prompt: String,
+    /// Image files, placed before the text as the chat template does.
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    #[arg(long, env = "LLAVA_SERVER_MAX_TOKENS", default_value_t = 64)]
+    max_tokens: usize,
+    /// 0 means greedy decoding.
+    #[arg(long, env = "LLAVA_SERVER_TEMPERATURE", default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, env = "LLAVA_SERVER_SEED")]
+    seed: Option<u64>,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, env = "LLAVA_SERVER_DTYPE", default_value = "f32")]
+    dtype: String,
+    /// cpu or cuda:N.
+    #[arg(long, env = "LLAVA_SERVER_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Tokens per KV-cache block.
+    #[arg(long, env = "LLAVA_SERVER_BLOCK_SIZE", default_value_t = 16)]
+    block_size: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Generate(args) => run_generate(args),
+    }
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.block_size == 0 {
+        anyhow::bail!("--block-size must be positive");
+    }
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let checkpoint = resolve_checkpoint(&args.model)?;
+    let config = LlavaConfig::from_file(&checkpoint.file("config.json"))?;
+    let builder = PromptBuilder::from_checkpoint(&checkpoint.root, &config)?;
+    let processor = ImageProcessorConfig::from_file(&checkpoint.file("preprocessor_config.json"))?;
+
+    let mut images = Vec::with_capacity(args.images.len());
+    for path in &args.images {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+        let image = processor
+            .process_bytes(&bytes)
+            .with_context(|| format!("image {}", path.display()))?;
+        images.push(image);
+    }
+    let mut parts: Vec<MessagePart> = images.iter().map(|_| MessagePart::Image).collect();
+    parts.push(MessagePart::Text(args.prompt.clone()));
+    let messages = [ChatMessage {
+        role: Role::User,
+        parts,
+    }];
+    let prompt = builder.build(&messages, images, 1)?;
+
+    let started = std::time::Instant::now();
+    let model = LlavaModel::load(&checkpoint, config, dtype, &device)?;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+    let options = GenerateOptions {
+        sampling: SamplingParams {
+            max_tokens: args.max_tokens,
+            temperature: args.temperature,
+            seed: args.seed,
+            ..SamplingParams::default()
+        },
+        eos_token_ids: eos_token_ids(&checkpoint.root),
+        prefill_chunk: None,
+        block_size: args.block_size,
+    };
+    let started = std::time::Instant::now();
+    let generation = generate(&model, &prompt, &options)?;
+    tracing::info!(
+        prompt_tokens = prompt.token_ids.len(),
+        generated = generation.token_ids.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        finish = ?generation.finish_reason,
+        "generated"
+    );
+    let text = builder.decode(&generation.token_ids)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Attention over a paged KV cache for a flattened batch of variable-length sequences.
+//!
+//! `AttentionMetadata` is the explicit contract between the engine's runner and the model: where each
+//! sequence's new tokens sit in the flattened batch, how long its context is, and which cache slots hold
+//! it. `paged_attention` is the CPU reference path (HF's eager attention, softmax in f32); GPU kernels
+//! plug in behind the same function and are checked against it.
+
+use candle_core::{DType, Device, Tensor, D};
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone)]
+pub struct SequenceAttention {
+    /// First of this sequence's new tokens in the flattened batch.
+    pub query_start: usize,
+    /// Number of new tokens this step.
+    pub query_len: usize,
+    /// Tokens whose K/V exist once this step has written its own: cached prefix + new tokens.
+    pub context_len: usize,
+    /// Cache slot of each of the `context_len` positions, in order.
+    context_slots: Tensor,
+    /// `[query_len, context_len]` additive causal mask (0 or -inf), f32; `None` when every query sees
+    /// every key (a single decode token).
+    causal_mask: Option<Tensor>,
+}
+
+/// Per-step attention inputs for all sequences of a flattened batch.
+#[derive(Debug, Clone)]
+pub struct AttentionMetadata {
+    /// Position (within its own sequence) of every flattened token: drives the rotary embedding.
+    pub positions: Tensor,
+    /// Cache slot each new token's K/V is written to, `[num_tokens]` u32.
+    pub slot_mapping: Tensor,
+    pub sequences: Vec<SequenceAttention>,
+    pub num_tokens: usize,
+}
+
+/// What the runner knows of one sequence in a step, before it becomes tensors.
+#[derive(Debug, Clone)]
+pub struct SequenceStep<'a> {
+    /// Tokens already in the cache before this step.
+    pub num_cached: usize,
+    /// New tokens computed this step.
+    pub num_new: usize,
+    /// Physical block ids, in logical order, covering at least `num_cached + num_new` positions.
+    pub block_table: &'a [u32],
+}
+
+impl AttentionMetadata {
+    /// Builds the metadata for sequences laid out one after another in the flattened batch.
+    pub fn build(
+        steps: &[SequenceStep<'_>],
+        block_size: usize,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let mut positions = Vec::new();
+        let mut slot_mapping = Vec::new();
+        let mut sequences = Vec::with_capacity(steps.len());
+        for step in steps {
+            let context_len = step.num_cached + step.num_new;
+            if step.block_table.len() * block_size < context_len {
+                candle_core::bail!(
+                    "block table of {} blocks cannot hold {context_len} tokens",
+                    step.block_table.len()
+                );
+            }
+            let slot_of =
+                |pos: usize| step.block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32;
+            let query_start = positions.len();
+            for pos in step.num_cached..context_len {
+                positions.push(pos as u32);
+                slot_mapping.push(slot_of(pos));
+            }
+            let context_slots: Vec<u32> = (0..context_len).map(slot_of).collect();
+            let causal_mask = if step.num_new > 1 {
+                Some(causal_mask(step.num_cached, step.num_new, device)?)
+            } else {
+                None
+            };
+            sequences.push(SequenceAttention {
+                query_start,
+                query_len: step.num_new,
+                context_len,
+                context_slots: Tensor::new(context_slots, device)?,
+                causal_mask,
+            });
+        }
+        let num_tokens = positions.len();
+        Ok(Self {
+            positions: Tensor::new(positions, device)?,
+            slot_mapping: Tensor::new(slot_mapping, device)?,
+            sequences,
+            num_tokens,
+        })
+    }
+}
+
+/// Query `i` sits at position `num_cached + i` and sees keys `0..=num_cached + i`.
+fn causal_mask(num_cached: usize, num_new: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let context = num_cached + num_new;
+    let mask: Vec<f32> = (0..num_new)
+        .flat_map(|i| {
+            (0..context).map(move |j| {
+                if j <= num_cached + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (num_new, context), device)
+}
+
+/// Writes this step's keys and values (`[num_tokens, kv_heads, head_dim]`) into their cache slots.
+pub fn write_kv(
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    slot_mapping: &Tensor,
+) -> candle_core::Result<()> {
+    let (num_tokens, row) = (keys.dim(0)?, key_cache.dim(1)?);
+    let index = slot_mapping
+        .reshape((num_tokens, 1))?
+        .broadcast_as((num_tokens, row))?
+        .contiguous()?;
+    key_cache.scatter_set(&index, &keys.reshape((num_tokens, row))?, 0)?;
+    value_cache.scatter_set(&index, &values.reshape((num_tokens, row))?, 0)?;
+    Ok(())
+}
+
+/// Causal attention of every sequence's new queries over its cached context (CPU reference path).
+///
+/// `queries` is `[num_tokens, heads, head_dim]`; the result is `[num_tokens, heads * head_dim]`.
+/// Grouped-query attention: query head `h` reads kv head `h / (heads / kv_heads)`, as HF's `repeat_kv`.
+pub fn paged_attention(
+    queries: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    meta: &AttentionMetadata,
+    num_kv_heads: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (_, heads, head_dim) = queries.dims3()?;
+    let groups = heads / num_kv_heads;
+    let mut outputs = Vec::with_capacity(meta.sequences.len());
+    for seq in &meta.sequences {
+        let q_len = seq.query_len;
+        let ctx = seq.context_len;
+        // [q_len, heads, d] -> [kv_heads, groups * q_len, d]: heads sharing a kv head are adjacent.
+        let q = queries
+            .narrow(0, seq.query_start, q_len)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((num_kv_heads, groups * q_len, head_dim))?;
+        let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
+            cache
+                .index_select(&seq.context_slots, 0)?
+                .reshape((ctx, num_kv_heads, head_dim))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let k = gather(key_cache)?;
+        let v = gather(value_cache)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .to_dtype(DType::F32)?
+            .reshape((heads, q_len, ctx))?;
+        let scores = match &seq.causal_mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?
+            .to_dtype(queries.dtype())?
+            .reshape((num_kv_heads, groups * q_len, ctx))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((heads, q_len, head_dim))?
+            .transpose(0, 1)?
+            .reshape((q_len, heads * head_dim))?;
+        outputs.push(out);
+    }
+    Tensor::cat(&outputs, 0)
+}
+
+/// Plain bidirectional multi-head attention for the vision tower: `[batch, heads, tokens, d]` inputs.
+pub fn full_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
+    probs.matmul(v)
+}

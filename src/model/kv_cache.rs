@@ -1,0 +1,52 @@
+//! The paged KV cache: per layer one preallocated pool of `num_blocks × block_size` slots for keys and
+//! one for values. Which slots a sequence owns is the scheduler's business; the model only writes the
+//! slots it is told to and reads back through block tables.
+
+use candle_core::{DType, Device, Tensor};
+
+/// Shape of the pool, decided once at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheShape {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvCacheShape {
+    pub fn num_slots(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+
+    /// Bytes of keys plus values for one token across all layers.
+    pub fn bytes_per_token(&self, dtype: DType) -> usize {
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.size_in_bytes()
+    }
+}
+
+/// Keys and values of every layer, each `[num_slots, num_kv_heads * head_dim]`.
+pub struct KvCache {
+    pub shape: KvCacheShape,
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    pub fn new(shape: KvCacheShape, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let row = shape.num_kv_heads * shape.head_dim;
+        let layers = (0..shape.num_layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros((shape.num_slots(), row), dtype, device)?,
+                    Tensor::zeros((shape.num_slots(), row), dtype, device)?,
+                ))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { shape, layers })
+    }
+
+    pub fn layer(&self, index: usize) -> (&Tensor, &Tensor) {
+        let (k, v) = &self.layers[index];
+        (k, v)
+    }
+}

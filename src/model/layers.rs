@@ -1,0 +1,90 @@
+//! Small building blocks shared by the vision tower, projector and decoder: linear layers loaded by
+//! checkpoint name, activations as HF defines them, and the two norms.
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::Activation;
+
+/// `y = x Wᵀ (+ b)` for `x` of any rank; weights as stored by PyTorch (`[out, in]`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> candle_core::Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn from_weight(weight: Tensor) -> Self {
+        Self { weight, bias: None }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let out = match x.rank() {
+            2 => x.matmul(&self.weight.t()?)?,
+            _ => {
+                let dims = x.dims();
+                let rows: usize = dims[..dims.len() - 1].iter().product();
+                let flat = x.reshape((rows, dims[dims.len() - 1]))?;
+                let mut out_dims = dims.to_vec();
+                *out_dims.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
+                flat.matmul(&self.weight.t()?)?.reshape(out_dims)?
+            }
+        };
+        match &self.bias {
+            Some(b) => out.broadcast_add(b),
+            None => Ok(out),
+        }
+    }
+}
+
+pub fn activate(act: Activation, x: &Tensor) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::Silu => candle_nn::ops::silu(x),
+        Activation::Gelu => x.gelu_erf(),
+        Activation::GeluTanh => x.gelu(),
+        // x · σ(1.702 x), as CLIP's quick_gelu.
+        Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        Activation::Relu => x.relu(),
+    }
+}
+
+/// LLaMA's RMSNorm: normalise in f32, cast back, then scale (HF's order of operations).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let variance = x32.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        let normed = x32.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// CLIP's LayerNorm with weight and bias.
+pub fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> candle_core::Result<candle_nn::LayerNorm> {
+    let weight = vb.get(dim, "weight")?;
+    let bias = vb.get(dim, "bias")?;
+    Ok(candle_nn::LayerNorm::new(weight, bias, eps))
+}

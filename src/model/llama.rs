@@ -1,0 +1,175 @@
+//! The LLaMA decoder over a flattened batch: `[num_tokens, hidden]` rows from many sequences, rotary
+//! positions per token, K/V written into and read from the paged cache through `AttentionMetadata`.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::attention::{paged_attention, write_kv, AttentionMetadata};
+use super::config::TextConfig;
+use super::kv_cache::KvCache;
+use super::layers::{activate, Linear, RmsNorm};
+
+/// cos/sin tables for every position up to the context limit, computed in f32 as HF does.
+struct RotaryTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryTables {
+    fn new(cfg: &TextConfig, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let half = cfg.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_position_embeddings, 1))?;
+        let freqs = positions.broadcast_mul(&inv_freq)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates `[num_tokens, heads, head_dim]` (HF's rotate-half layout) at the given positions.
+    fn apply(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+        let cos = self.cos.index_select(positions, 0)?;
+        let sin = self.sin.index_select(positions, 0)?;
+        candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &cos, &sin)?.squeeze(0)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl DecoderLayer {
+    fn load(vb: VarBuilder, cfg: &TextConfig) -> candle_core::Result<Self> {
+        let d = cfg.hidden_size;
+        let q_dim = cfg.num_attention_heads * cfg.head_dim;
+        let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
+        let attn = vb.pp("self_attn");
+        let mlp = vb.pp("mlp");
+        let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+        Ok(Self {
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), d, cfg.rms_norm_eps)?,
+            q_proj: Linear::load(attn.pp("q_proj"), d, q_dim, ab)?,
+            k_proj: Linear::load(attn.pp("k_proj"), d, kv_dim, ab)?,
+            v_proj: Linear::load(attn.pp("v_proj"), d, kv_dim, ab)?,
+            o_proj: Linear::load(attn.pp("o_proj"), q_dim, d, ab)?,
+            post_attention_layernorm: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                d,
+                cfg.rms_norm_eps,
+            )?,
+            gate_proj: Linear::load(mlp.pp("gate_proj"), d, cfg.intermediate_size, mb)?,
+            up_proj: Linear::load(mlp.pp("up_proj"), d, cfg.intermediate_size, mb)?,
+            down_proj: Linear::load(mlp.pp("down_proj"), cfg.intermediate_size, d, mb)?,
+        })
+    }
+}
+
+pub struct LlamaDecoder {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: RotaryTables,
+    cfg: TextConfig,
+}
+
+impl LlamaDecoder {
+    /// `model_vb` points at the `model.` prefix (embeddings, layers, norm); `lm_head_vb` at `lm_head`.
+    pub fn load(
+        model_vb: VarBuilder,
+        lm_head_vb: VarBuilder,
+        cfg: &TextConfig,
+    ) -> candle_core::Result<Self> {
+        let embed_tokens = model_vb
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::from_weight(embed_tokens.clone())
+        } else {
+            Linear::load(lm_head_vb, cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        let layers_vb = model_vb.pp("layers");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(layers_vb.pp(i), cfg))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            norm: RmsNorm::load(model_vb.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            rotary: RotaryTables::new(cfg, embed_tokens.dtype(), embed_tokens.device())?,
+            embed_tokens,
+            layers,
+            lm_head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Token embeddings `[num_tokens, hidden]` for `[num_tokens]` u32 ids.
+    pub fn embed(&self, token_ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.embed_tokens.index_select(token_ids, 0)
+    }
+
+    /// Runs every layer over `[num_tokens, hidden]` input embeddings, writing K/V into `kv_cache`;
+    /// returns the final hidden states before the last norm.
+    pub fn forward_hidden(
+        &self,
+        embeds: &Tensor,
+        meta: &AttentionMetadata,
+        kv_cache: &KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.cfg;
+        let n = meta.num_tokens;
+        let scale = (cfg.head_dim as f64).powf(-0.5);
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let q = layer
+                .q_proj
+                .forward(&h)?
+                .reshape((n, cfg.num_attention_heads, cfg.head_dim))?;
+            let k = layer
+                .k_proj
+                .forward(&h)?
+                .reshape((n, cfg.num_key_value_heads, cfg.head_dim))?;
+            let v = layer
+                .v_proj
+                .forward(&h)?
+                .reshape((n, cfg.num_key_value_heads, cfg.head_dim))?;
+            let q = self.rotary.apply(&q, &meta.positions)?;
+            let k = self.rotary.apply(&k, &meta.positions)?;
+            let (key_cache, value_cache) = kv_cache.layer(i);
+            write_kv(key_cache, value_cache, &k, &v.contiguous()?, &meta.slot_mapping)?;
+            let attn = paged_attention(
+                &q,
+                key_cache,
+                value_cache,
+                meta,
+                cfg.num_key_value_heads,
+                scale,
+            )?;
+            x = (x + layer.o_proj.forward(&attn)?)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            let gate = activate(cfg.hidden_act, &layer.gate_proj.forward(&h)?)?;
+            let mlp = layer.down_proj.forward(&(gate * layer.up_proj.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and lm_head for the given rows of hidden states: `[rows, vocab]`.
+    pub fn logits(&self, hidden_rows: &Tensor) -> candle_core::Result<Tensor> {
+        self.lm_head.forward(&self.norm.forward(hidden_rows)?)
+    }
+}

@@ -1,0 +1,159 @@
+//! LLaVA glue: loads the three parts from a checkpoint, turns pixel values into image features, and runs
+//! one batched forward step in which image features replace the embeddings of their placeholder tokens.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::attention::AttentionMetadata;
+use super::checkpoint::CheckpointDir;
+use super::clip::ClipVisionTower;
+use super::config::{FeatureSelectStrategy, LlavaConfig};
+use super::kv_cache::{KvCache, KvCacheShape};
+use super::llama::LlamaDecoder;
+use super::projector::Projector;
+use super::ModelError;
+
+/// Tensor-name prefixes of the two layouts llava-hf checkpoints exist in.
+struct NameLayout {
+    vision: &'static str,
+    projector: &'static str,
+    decoder: &'static str,
+    lm_head: &'static str,
+}
+
+/// The hub's transformers-4 layout (`language_model.model.*`).
+const HUB_LAYOUT: NameLayout = NameLayout {
+    vision: "vision_tower.vision_model",
+    projector: "multi_modal_projector",
+    decoder: "language_model.model",
+    lm_head: "language_model.lm_head",
+};
+/// The layout newer transformers save (`model.language_model.*`).
+const NESTED_LAYOUT: NameLayout = NameLayout {
+    vision: "model.vision_tower.vision_model",
+    projector: "model.multi_modal_projector",
+    decoder: "model.language_model",
+    lm_head: "lm_head",
+};
+
+/// One forward step's inputs: flattened tokens of all scheduled sequences.
+pub struct ForwardInput<'a> {
+    /// `[num_tokens]` u32 token ids; image placeholders included.
+    pub token_ids: &'a Tensor,
+    /// Image features `[rows, hidden]` and the flattened-batch row each replaces (`[rows]` u32).
+    pub image_rows: Option<(&'a Tensor, &'a Tensor)>,
+    pub attention: &'a AttentionMetadata,
+    /// Rows of the batch whose logits are wanted (usually each sequence's last token), `[k]` u32.
+    pub logits_rows: &'a Tensor,
+}
+
+pub struct LlavaModel {
+    pub config: LlavaConfig,
+    vision: ClipVisionTower,
+    projector: Projector,
+    decoder: LlamaDecoder,
+    dtype: DType,
+    device: Device,
+}
+
+impl LlavaModel {
+    /// Loads weights (memory-mapped) from the checkpoint into `dtype` on `device`.
+    pub fn load(
+        checkpoint: &CheckpointDir,
+        config: LlavaConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let files = checkpoint.weight_files()?;
+        // SAFETY: the files are memory-mapped read-only; a checkpoint changed on disk while we run is
+        // outside what we defend against (as everywhere safetensors are mmapped).
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+            .map_err(|e| ModelError::Weights(e.to_string()))?;
+        let layout = if vb.contains_tensor("model.language_model.embed_tokens.weight") {
+            &NESTED_LAYOUT
+        } else {
+            &HUB_LAYOUT
+        };
+        let weights = |e: candle_core::Error| ModelError::Weights(e.to_string());
+        let vision = ClipVisionTower::load(
+            vb.pp(layout.vision),
+            &config.vision,
+            &config.vision_feature_layers,
+        )
+        .map_err(weights)?;
+        let projector = Projector::load(vb.pp(layout.projector), &config).map_err(weights)?;
+        let decoder = LlamaDecoder::load(vb.pp(layout.decoder), vb.pp(layout.lm_head), &config.text)
+            .map_err(weights)?;
+        Ok(Self {
+            config,
+            vision,
+            projector,
+            decoder,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Shape of a KV cache for this model.
+    pub fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
+        KvCacheShape {
+            num_layers: self.config.text.num_hidden_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads: self.config.text.num_key_value_heads,
+            head_dim: self.config.text.head_dim,
+        }
+    }
+
+    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache, ModelError> {
+        Ok(KvCache::new(
+            self.kv_cache_shape(num_blocks, block_size),
+            self.dtype,
+            &self.device,
+        )?)
+    }
+
+    /// CLIP features the projector consumes, `[images, features, vision_hidden × layers]`
+    /// (CLS dropped under the default strategy).
+    pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor, ModelError> {
+        let states = self.vision.forward(&pixel_values.to_dtype(self.dtype)?)?;
+        Ok(match self.config.feature_select_strategy {
+            FeatureSelectStrategy::Default => {
+                let tokens = states.dim(1)?;
+                states.narrow(1, 1, tokens - 1)?
+            }
+            FeatureSelectStrategy::Full => states,
+        })
+    }
+
+    /// Image features in the decoder's embedding space: `[images, features, text_hidden]`.
+    pub fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.projector.forward(&self.vision_features(pixel_values)?)?)
+    }
+
+    /// One batched step: logits `[logits_rows, vocab]` in f32.
+    pub fn forward(&self, input: &ForwardInput<'_>, kv_cache: &KvCache) -> Result<Tensor, ModelError> {
+        let embeds = self.decoder.embed(input.token_ids)?;
+        if let Some((features, rows)) = input.image_rows {
+            let hidden = embeds.dim(1)?;
+            let index = rows
+                .reshape((rows.dim(0)?, 1))?
+                .broadcast_as((rows.dim(0)?, hidden))?
+                .contiguous()?;
+            embeds.scatter_set(&index, &features.to_dtype(self.dtype)?, 0)?;
+        }
+        let hidden = self
+            .decoder
+            .forward_hidden(&embeds, input.attention, kv_cache)?;
+        let rows = hidden.index_select(input.logits_rows, 0)?;
+        Ok(self.decoder.logits(&rows)?.to_dtype(DType::F32)?)
+    }
+}
