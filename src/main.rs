@@ -6,7 +6,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use llava_server::engine::{generate, GenerateOptions};
-use llava_server::frontend::{prompt::eos_token_ids, ChatMessage, ImageProcessorConfig, MessagePart, PromptBuilder, Role};
+use llava_server::frontend::{
+    prompt::eos_token_ids, ChatMessage, ImageProcessorConfig, MessagePart, PromptBuilder, Role,
+};
 use llava_server::model::{parse_device, parse_dtype, resolve_checkpoint, LlavaConfig, LlavaModel};
 use llava_server::types::SamplingParams;
 
@@ -14,7 +16,11 @@ use llava_server::types::SamplingParams;
 const BUNDLED_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny");
 
 #[derive(Parser)]
-#[command(name = "llava-server", version, about = "OpenAI-compatible inference server for LLaVA models")]
+#[command(
+    name = "llava-server",
+    version,
+    about = "OpenAI-compatible inference server for LLaVA models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,7 +61,7 @@ struct GenerateArgs {
     block_size: usize,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -63,8 +69,13 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
+    };
+    // Errors are for users: the whole cause chain on one line, exit status 1, no backtrace.
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
     }
 }
 
@@ -81,7 +92,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
 
     let mut images = Vec::with_capacity(args.images.len());
     for path in &args.images {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
         let image = processor
             .process_bytes(&bytes)
             .with_context(|| format!("image {}", path.display()))?;

@@ -40,7 +40,11 @@ pub struct SequenceState<'m> {
 impl<'m> SequenceState<'m> {
     /// A cache with room for `capacity` tokens. Blocks are handed out in reverse order so that logical
     /// and physical positions differ, as they will under the block manager.
-    pub fn new(model: &'m LlavaModel, capacity: usize, block_size: usize) -> Result<Self, ModelError> {
+    pub fn new(
+        model: &'m LlavaModel,
+        capacity: usize,
+        block_size: usize,
+    ) -> Result<Self, ModelError> {
         let num_blocks = capacity.div_ceil(block_size).max(1);
         Ok(Self {
             model,
@@ -95,7 +99,11 @@ impl<'m> SequenceState<'m> {
 
     /// Prefills the prompt in chunks of `chunk` tokens (images encoded once, rows split across chunks);
     /// returns the logits at the prompt's last position.
-    pub fn prefill(&mut self, prompt: &TokenizedPrompt, chunk: Option<usize>) -> Result<Vec<f32>, ModelError> {
+    pub fn prefill(
+        &mut self,
+        prompt: &TokenizedPrompt,
+        chunk: Option<usize>,
+    ) -> Result<Vec<f32>, ModelError> {
         let features = encode_images(self.model, &prompt.images)?;
         let total = prompt.token_ids.len();
         if total == 0 {
@@ -153,4 +161,3 @@ pub fn generate(
         finish_reason: FinishReason::Length,
     })
 }
-

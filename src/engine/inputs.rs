@@ -11,7 +11,11 @@ pub fn pixel_values(images: &[ProcessedImage], device: &Device) -> Result<Tensor
     let tensors = images
         .iter()
         .map(|img| {
-            Tensor::from_slice(&img.pixel_values, (img.channels, img.height, img.width), device)
+            Tensor::from_slice(
+                &img.pixel_values,
+                (img.channels, img.height, img.width),
+                device,
+            )
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::stack(&tensors, 0)?)
@@ -26,9 +30,7 @@ pub fn encode_images(
         return Ok(Vec::new());
     }
     let features = model.encode_images(&pixel_values(images, model.device())?)?;
-    (0..images.len())
-        .map(|i| Ok(features.get(i)?))
-        .collect()
+    (0..images.len()).map(|i| Ok(features.get(i)?)).collect()
 }
 
 /// The image rows that fall inside prompt positions `[start, start + len)`, as (features, batch rows)

@@ -5,4 +5,4 @@ pub mod generate;
 pub mod inputs;
 pub mod sampler;
 
-pub use generate::{generate, Generation, GenerateOptions};
+pub use generate::{generate, GenerateOptions, Generation};

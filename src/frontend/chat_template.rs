@@ -55,8 +55,8 @@ impl ChatTemplate {
     }
 
     pub fn new(source: &str) -> Result<Self, FrontendError> {
-        let generation_tags = regex::Regex::new(r"\{%-?\s*(end)?generation\s*-?%\}")
-            .expect("the pattern is valid");
+        let generation_tags =
+            regex::Regex::new(r"\{%-?\s*(end)?generation\s*-?%\}").expect("the pattern is valid");
         let source = generation_tags.replace_all(source, "").into_owned();
         let mut env = Environment::new();
         env.set_trim_blocks(true);

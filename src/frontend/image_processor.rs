@@ -40,7 +40,10 @@ struct RawProcessorConfig {
 pub enum ResizeTarget {
     /// Short side to this length, long side scaled and truncated.
     ShortestEdge(usize),
-    Exact { height: usize, width: usize },
+    Exact {
+        height: usize,
+        width: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -79,7 +82,10 @@ impl ImageProcessorConfig {
     pub fn from_json(json: &str) -> Result<Self, FrontendError> {
         let raw: RawProcessorConfig =
             serde_json::from_str(json).map_err(|e| FrontendError::Config(e.to_string()))?;
-        let kind = raw.image_processor_type.as_deref().unwrap_or("CLIPImageProcessor");
+        let kind = raw
+            .image_processor_type
+            .as_deref()
+            .unwrap_or("CLIPImageProcessor");
         let is_llava = kind.starts_with("LlavaImageProcessor");
         if !is_llava && !kind.starts_with("CLIPImageProcessor") {
             return Err(FrontendError::Config(format!(
@@ -125,7 +131,11 @@ impl ImageProcessorConfig {
                     shortest_edge: Some(s),
                     ..
                 }) => (s, s),
-                Some(_) => return Err(FrontendError::Config("crop_size needs height and width".into())),
+                Some(_) => {
+                    return Err(FrontendError::Config(
+                        "crop_size needs height and width".into(),
+                    ))
+                }
             })
         } else {
             None
@@ -227,7 +237,12 @@ fn pad_to_square(img: &Image8, colour: [u8; 3]) -> Image8 {
     if img.width == img.height {
         return img.clone();
     }
-    let mut data: Vec<u8> = colour.iter().copied().cycle().take(side * side * 3).collect();
+    let mut data: Vec<u8> = colour
+        .iter()
+        .copied()
+        .cycle()
+        .take(side * side * 3)
+        .collect();
     let (x0, y0) = ((side - img.width) / 2, (side - img.height) / 2);
     for y in 0..img.height {
         let src = &img.data[y * img.width * 3..(y + 1) * img.width * 3];
@@ -323,9 +338,18 @@ mod tests {
 
     #[test]
     fn shortest_edge_truncates_the_long_side() {
-        assert_eq!(resize_output_size(640, 480, ResizeTarget::ShortestEdge(336)), (448, 336));
-        assert_eq!(resize_output_size(200, 300, ResizeTarget::ShortestEdge(336)), (336, 504));
-        assert_eq!(resize_output_size(640, 480, ResizeTarget::ShortestEdge(224)), (298, 224));
+        assert_eq!(
+            resize_output_size(640, 480, ResizeTarget::ShortestEdge(336)),
+            (448, 336)
+        );
+        assert_eq!(
+            resize_output_size(200, 300, ResizeTarget::ShortestEdge(336)),
+            (336, 504)
+        );
+        assert_eq!(
+            resize_output_size(640, 480, ResizeTarget::ShortestEdge(224)),
+            (298, 224)
+        );
     }
 
     #[test]

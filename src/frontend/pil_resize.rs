@@ -135,7 +135,10 @@ mod tests {
     fn kernel_weights_sum_to_one_in_fixed_point() {
         for (lo, w) in coefficients(640, 448) {
             let sum: i32 = w.iter().sum();
-            assert!((sum - (1 << PRECISION_BITS)).abs() <= w.len() as i32, "at {lo}");
+            assert!(
+                (sum - (1 << PRECISION_BITS)).abs() <= w.len() as i32,
+                "at {lo}"
+            );
         }
     }
 

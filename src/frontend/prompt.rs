@@ -118,14 +118,18 @@ impl PromptBuilder {
             .encode(text, add_special)
             .map_err(|e| FrontendError::Tokenizer(e.to_string()))?;
         let compact = encoding.get_ids();
-        let placeholders = compact.iter().filter(|&&t| t == self.image_token_id).count();
+        let placeholders = compact
+            .iter()
+            .filter(|&&t| t == self.image_token_id)
+            .count();
         if placeholders != images.len() {
             return Err(FrontendError::ImageCountMismatch {
                 placeholders,
                 images: images.len(),
             });
         }
-        let mut token_ids = Vec::with_capacity(compact.len() + placeholders * self.features_per_image);
+        let mut token_ids =
+            Vec::with_capacity(compact.len() + placeholders * self.features_per_image);
         let mut image_spans = Vec::with_capacity(placeholders);
         for &id in compact {
             if id == self.image_token_id {
@@ -218,7 +222,11 @@ pub fn eos_token_ids(dir: &Path) -> Vec<u32> {
     let ids = |v: &serde_json::Value| -> Vec<u32> {
         match v {
             serde_json::Value::Number(n) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-            serde_json::Value::Array(a) => a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32).collect(),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|n| n.as_u64())
+                .map(|n| n as u32)
+                .collect(),
             _ => Vec::new(),
         }
     };

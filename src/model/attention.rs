@@ -63,8 +63,9 @@ impl AttentionMetadata {
                     step.block_table.len()
                 );
             }
-            let slot_of =
-                |pos: usize| step.block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32;
+            let slot_of = |pos: usize| {
+                step.block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32
+            };
             let query_start = positions.len();
             for pos in step.num_cached..context_len {
                 positions.push(pos as u32);

@@ -52,13 +52,19 @@ impl EncoderLayer {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (q, k, v) = (split(&self.q_proj)?, split(&self.k_proj)?, split(&self.v_proj)?);
+        let (q, k, v) = (
+            split(&self.q_proj)?,
+            split(&self.k_proj)?,
+            split(&self.v_proj)?,
+        );
         let attn = full_attention(&q, &k, &v, (head_dim as f64).powf(-0.5))?
             .transpose(1, 2)?
             .reshape((b, t, d))?;
         let x = (x + self.out_proj.forward(&attn)?)?;
         let h = self.layer_norm2.forward(&x)?;
-        let h = self.fc2.forward(&activate(self.act, &self.fc1.forward(&h)?)?)?;
+        let h = self
+            .fc2
+            .forward(&activate(self.act, &self.fc1.forward(&h)?)?)?;
         x + h
     }
 }
@@ -134,7 +140,10 @@ impl ClipVisionTower {
         let patch_embeds = patches
             .matmul(&self.patch_weight.t()?)?
             .reshape((b, gh * gw, d))?;
-        let cls = self.class_embedding.reshape((1, 1, d))?.broadcast_as((b, 1, d))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, d))?
+            .broadcast_as((b, 1, d))?;
         let x = Tensor::cat(&[&cls, &patch_embeds], 1)?;
         x.broadcast_add(&self.position_embedding.unsqueeze(0)?)
     }

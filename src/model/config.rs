@@ -264,7 +264,7 @@ fn text_config(raw: RawTextConfig) -> Result<TextConfig, ModelError> {
         "text_config.num_key_value_heads",
         raw.num_key_value_heads.unwrap_or(heads),
     )?;
-    if heads % kv_heads != 0 {
+    if !heads.is_multiple_of(kv_heads) {
         return Err(ModelError::Config(format!(
             "text_config.num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
         )));
@@ -273,7 +273,7 @@ fn text_config(raw: RawTextConfig) -> Result<TextConfig, ModelError> {
         "text_config.head_dim",
         raw.head_dim.unwrap_or(hidden_size / heads),
     )?;
-    if head_dim % 2 != 0 {
+    if !head_dim.is_multiple_of(2) {
         return Err(ModelError::Config(format!(
             "text_config head_dim {head_dim} must be even for rotary embeddings"
         )));
@@ -400,13 +400,13 @@ fn vision_config(raw: Option<RawVisionConfig>) -> Result<VisionConfig, ModelErro
         hidden_act: raw.hidden_act.unwrap_or(base.hidden_act),
         layer_norm_eps: raw.layer_norm_eps.unwrap_or(base.layer_norm_eps),
     };
-    if cfg.image_size % cfg.patch_size != 0 {
+    if !cfg.image_size.is_multiple_of(cfg.patch_size) {
         return Err(ModelError::Config(format!(
             "vision_config.image_size {} is not a multiple of patch_size {}",
             cfg.image_size, cfg.patch_size
         )));
     }
-    if cfg.hidden_size % cfg.num_attention_heads != 0 {
+    if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
         return Err(ModelError::Config(format!(
             "vision_config.hidden_size {} is not a multiple of num_attention_heads {}",
             cfg.hidden_size, cfg.num_attention_heads

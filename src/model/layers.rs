@@ -14,7 +14,12 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> candle_core::Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> candle_core::Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
@@ -83,7 +88,11 @@ impl RmsNorm {
 }
 
 /// CLIP's LayerNorm with weight and bias.
-pub fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> candle_core::Result<candle_nn::LayerNorm> {
+pub fn layer_norm(
+    vb: VarBuilder,
+    dim: usize,
+    eps: f64,
+) -> candle_core::Result<candle_nn::LayerNorm> {
     let weight = vb.get(dim, "weight")?;
     let bias = vb.get(dim, "bias")?;
     Ok(candle_nn::LayerNorm::new(weight, bias, eps))

@@ -135,22 +135,31 @@ impl LlamaDecoder {
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let q = layer
-                .q_proj
-                .forward(&h)?
-                .reshape((n, cfg.num_attention_heads, cfg.head_dim))?;
-            let k = layer
-                .k_proj
-                .forward(&h)?
-                .reshape((n, cfg.num_key_value_heads, cfg.head_dim))?;
-            let v = layer
-                .v_proj
-                .forward(&h)?
-                .reshape((n, cfg.num_key_value_heads, cfg.head_dim))?;
+            let q =
+                layer
+                    .q_proj
+                    .forward(&h)?
+                    .reshape((n, cfg.num_attention_heads, cfg.head_dim))?;
+            let k =
+                layer
+                    .k_proj
+                    .forward(&h)?
+                    .reshape((n, cfg.num_key_value_heads, cfg.head_dim))?;
+            let v =
+                layer
+                    .v_proj
+                    .forward(&h)?
+                    .reshape((n, cfg.num_key_value_heads, cfg.head_dim))?;
             let q = self.rotary.apply(&q, &meta.positions)?;
             let k = self.rotary.apply(&k, &meta.positions)?;
             let (key_cache, value_cache) = kv_cache.layer(i);
-            write_kv(key_cache, value_cache, &k, &v.contiguous()?, &meta.slot_mapping)?;
+            write_kv(
+                key_cache,
+                value_cache,
+                &k,
+                &v.contiguous()?,
+                &meta.slot_mapping,
+            )?;
             let attn = paged_attention(
                 &q,
                 key_cache,
@@ -162,7 +171,9 @@ impl LlamaDecoder {
             x = (x + layer.o_proj.forward(&attn)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             let gate = activate(cfg.hidden_act, &layer.gate_proj.forward(&h)?)?;
-            let mlp = layer.down_proj.forward(&(gate * layer.up_proj.forward(&h)?)?)?;
+            let mlp = layer
+                .down_proj
+                .forward(&(gate * layer.up_proj.forward(&h)?)?)?;
             x = (x + mlp)?;
         }
         Ok(x)

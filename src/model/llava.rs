@@ -82,8 +82,9 @@ impl LlavaModel {
         )
         .map_err(weights)?;
         let projector = Projector::load(vb.pp(layout.projector), &config).map_err(weights)?;
-        let decoder = LlamaDecoder::load(vb.pp(layout.decoder), vb.pp(layout.lm_head), &config.text)
-            .map_err(weights)?;
+        let decoder =
+            LlamaDecoder::load(vb.pp(layout.decoder), vb.pp(layout.lm_head), &config.text)
+                .map_err(weights)?;
         Ok(Self {
             config,
             vision,
@@ -113,7 +114,11 @@ impl LlavaModel {
         }
     }
 
-    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache, ModelError> {
+    pub fn new_kv_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<KvCache, ModelError> {
         Ok(KvCache::new(
             self.kv_cache_shape(num_blocks, block_size),
             self.dtype,
@@ -136,11 +141,17 @@ impl LlavaModel {
 
     /// Image features in the decoder's embedding space: `[images, features, text_hidden]`.
     pub fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.projector.forward(&self.vision_features(pixel_values)?)?)
+        Ok(self
+            .projector
+            .forward(&self.vision_features(pixel_values)?)?)
     }
 
     /// One batched step: logits `[logits_rows, vocab]` in f32.
-    pub fn forward(&self, input: &ForwardInput<'_>, kv_cache: &KvCache) -> Result<Tensor, ModelError> {
+    pub fn forward(
+        &self,
+        input: &ForwardInput<'_>,
+        kv_cache: &KvCache,
+    ) -> Result<Tensor, ModelError> {
         let embeds = self.decoder.embed(input.token_ids)?;
         if let Some((features, rows)) = input.image_rows {
             let hidden = embeds.dim(1)?;

@@ -1,0 +1,129 @@
+//! The `generate` command end to end, as a user runs it: only the generated text on stdout, HF's greedy
+//! text for the reference prompts, and clear errors (exit status 1, never a panic) for bad input.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn generate(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llava-server"))
+        .arg("generate")
+        .args(args)
+        .envs(envs.iter().copied())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn refs(variant: &str) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join(format!("refs/{variant}.json"))).unwrap(),
+    )
+    .unwrap()
+}
+
+fn case<'a>(refs: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    refs["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+}
+
+#[test]
+fn generate_prints_hf_greedy_text_on_the_default_fixture() {
+    let refs = refs("tiny");
+    let case = case(&refs, "chat_template");
+    let image = common::fixtures().join("images/scene_640x480.png");
+    let out = generate(
+        &[
+            "--prompt",
+            "What is in the picture?",
+            "--image",
+            image.to_str().unwrap(),
+            "--max-tokens",
+            "16",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        stdout,
+        format!("{}\n", case["greedy"]["text"].as_str().unwrap())
+    );
+}
+
+#[test]
+fn generate_with_two_images_on_a_sharded_f16_checkpoint() {
+    let refs = refs("tiny_gqa");
+    let case = case(&refs, "two_images");
+    let dir = common::fixtures();
+    let model = dir.join("tiny_gqa");
+    let first = dir.join("images/gray_300x200.png");
+    let second = dir.join("images/scene_336x336.png");
+    let out = generate(
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "Compare the two pictures.",
+            "--image",
+            first.to_str().unwrap(),
+            "--image",
+            second.to_str().unwrap(),
+            "--max-tokens",
+            "16",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        stdout,
+        format!("{}\n", case["greedy"]["text"].as_str().unwrap())
+    );
+}
+
+#[test]
+fn unreadable_image_fails_cleanly() {
+    let bogus = common::fixtures().join("tiny/config.json");
+    let out = generate(&["--prompt", "hi", "--image", bogus.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("config.json") && stderr.contains("cannot decode image"),
+        "{stderr}"
+    );
+    let out = generate(&["--prompt", "hi", "--image", "/no/such.png"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such.png"));
+}
+
+#[test]
+fn unreachable_hub_is_a_clear_error() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = generate(
+        &["--model", "nobody/no-such-model", "--prompt", "hi"],
+        &[
+            // Port 9 on loopback (discard) refuses connections: the hub is unreachable.
+            ("HF_ENDPOINT", "http://127.0.0.1:9"),
+            ("HF_HOME", cache.path().to_str().unwrap()),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot fetch nobody/no-such-model from the Hugging Face hub"),
+        "{stderr}"
+    );
+}

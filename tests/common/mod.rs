@@ -1,0 +1,124 @@
+//! Shared by the integration tests: the fixture checkpoints, their HF reference cases, and the
+//! comparisons the issue asks for.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use llava_server::frontend::{ImageProcessorConfig, PromptBuilder};
+use llava_server::model::{resolve_checkpoint, CheckpointDir, LlavaConfig, LlavaModel};
+use llava_server::types::ProcessedImage;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A fixture checkpoint with everything the tests need to reach it.
+pub struct Fixture {
+    pub checkpoint: CheckpointDir,
+    pub model: LlavaModel,
+    pub builder: PromptBuilder,
+    pub processor: ImageProcessorConfig,
+    pub refs: serde_json::Value,
+    pub ref_tensors: HashMap<String, Tensor>,
+}
+
+impl Fixture {
+    /// `variant`: `tiny` or `tiny_gqa`.
+    pub fn load(variant: &str) -> Fixture {
+        let dir = fixtures().join(variant);
+        let checkpoint = resolve_checkpoint(dir.to_str().unwrap()).unwrap();
+        let config = LlavaConfig::from_file(&checkpoint.file("config.json")).unwrap();
+        let builder = PromptBuilder::from_checkpoint(&checkpoint.root, &config).unwrap();
+        let processor =
+            ImageProcessorConfig::from_file(&checkpoint.file("preprocessor_config.json")).unwrap();
+        let model =
+            LlavaModel::load(&checkpoint, config, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let refs_dir = fixtures().join("refs");
+        let refs: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(refs_dir.join(format!("{variant}.json"))).unwrap(),
+        )
+        .unwrap();
+        let ref_tensors = candle_core::safetensors::load(
+            refs_dir.join(format!("{variant}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        Fixture {
+            checkpoint,
+            model,
+            builder,
+            processor,
+            refs,
+            ref_tensors,
+        }
+    }
+
+    pub fn cases(&self) -> &Vec<serde_json::Value> {
+        self.refs["cases"].as_array().unwrap()
+    }
+
+    pub fn case(&self, name: &str) -> &serde_json::Value {
+        self.cases().iter().find(|c| c["name"] == name).unwrap()
+    }
+
+    pub fn tensor(&self, case: &serde_json::Value, what: &str) -> Option<&Tensor> {
+        self.ref_tensors
+            .get(&format!("{}.{what}", case["name"].as_str().unwrap()))
+    }
+
+    /// The case's image files: `image` (one or null) in tiny, `images` (a list) in tiny_gqa.
+    pub fn image_files(case: &serde_json::Value) -> Vec<PathBuf> {
+        let names: Vec<String> = match (&case["images"], &case["image"]) {
+            (serde_json::Value::Array(list), _) => list
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect(),
+            (_, serde_json::Value::String(one)) => vec![one.clone()],
+            _ => Vec::new(),
+        };
+        names
+            .iter()
+            .map(|n| fixtures().join("images").join(n))
+            .collect()
+    }
+
+    pub fn images(&self, case: &serde_json::Value) -> Vec<ProcessedImage> {
+        Self::image_files(case)
+            .iter()
+            .map(|p| {
+                self.processor
+                    .process_bytes(&std::fs::read(p).unwrap())
+                    .unwrap()
+            })
+            .collect()
+    }
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    let diff = max_abs_diff(got, want);
+    assert!(diff <= tol, "{what}: max |diff| {diff} > {tol}");
+}

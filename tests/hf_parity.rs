@@ -1,0 +1,105 @@
+//! Parity with HF transformers on the fixture checkpoints: every reference case of `tiny` and
+//! `tiny_gqa` (GQA, sharded f16 storage, 224-px CLIP, CLS kept, `do_pad`, tied embeddings, two images
+//! in one prompt). Expected values come only from `tests/fixtures/refs`, made by `make_fixtures.py`.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{assert_close, ids, Fixture};
+use llava_server::engine::generate::SequenceState;
+use llava_server::engine::inputs::pixel_values;
+use llava_server::engine::{generate, GenerateOptions};
+use llava_server::frontend::prompt::eos_token_ids;
+use llava_server::types::SamplingParams;
+
+fn check_all_cases(variant: &str) {
+    let fx = Fixture::load(variant);
+    assert!(!fx.cases().is_empty());
+    for case in fx.cases() {
+        let name = case["name"].as_str().unwrap();
+        let images = fx.images(case);
+
+        // Input ids: the rendered prompt tokenized with each image expanded.
+        let prompt = fx
+            .builder
+            .tokenize(case["prompt"].as_str().unwrap(), images, 16)
+            .unwrap();
+        assert_eq!(
+            prompt.token_ids,
+            ids(&case["input_ids"]),
+            "{name}: input ids"
+        );
+
+        if !prompt.images.is_empty() {
+            let pixels = pixel_values(&prompt.images, &Device::Cpu).unwrap();
+            assert_close(
+                &format!("{name}: pixel values"),
+                &pixels,
+                fx.tensor(case, "pixel_values").unwrap(),
+                1e-6,
+            );
+            // The CLIP hidden states the projector reads (tiny stores them without the batch axis
+            // squeezed; both have [images, tokens, hidden]).
+            let vision_ref = fx
+                .tensor(case, "vision_layer_m2_no_cls")
+                .or_else(|| fx.tensor(case, "vision_features"))
+                .unwrap();
+            let vision = fx.model.vision_features(&pixels).unwrap();
+            assert_close(
+                &format!("{name}: vision features"),
+                &vision,
+                vision_ref,
+                1e-5,
+            );
+            let features = fx.model.encode_images(&pixels).unwrap();
+            assert_close(
+                &format!("{name}: image features"),
+                &features,
+                fx.tensor(case, "image_features").unwrap(),
+                1e-5,
+            );
+        }
+
+        // Last-position logits of the prompt.
+        let mut seq = SequenceState::new(&fx.model, prompt.token_ids.len(), 16).unwrap();
+        let logits = seq.prefill(&prompt, None).unwrap();
+        let logits = Tensor::new(logits, &Device::Cpu).unwrap();
+        assert_close(
+            &format!("{name}: last logits"),
+            &logits,
+            fx.tensor(case, "last_logits").unwrap(),
+            1e-4,
+        );
+
+        // 16 greedy tokens, ids and text. The references never stopped at EOS.
+        let want = ids(&case["greedy"]["ids"]);
+        let options = GenerateOptions {
+            sampling: SamplingParams {
+                max_tokens: want.len(),
+                ignore_eos: true,
+                ..SamplingParams::default()
+            },
+            eos_token_ids: eos_token_ids(&fx.checkpoint.root),
+            prefill_chunk: None,
+            block_size: 16,
+        };
+        let generation = generate(&fx.model, &prompt, &options).unwrap();
+        assert_eq!(generation.token_ids, want, "{name}: greedy ids");
+        let text = fx.builder.decode(&generation.token_ids).unwrap();
+        assert_eq!(
+            text,
+            case["greedy"]["text"].as_str().unwrap(),
+            "{name}: greedy text"
+        );
+    }
+}
+
+#[test]
+fn tiny_matches_hf_on_every_case() {
+    check_all_cases("tiny");
+}
+
+#[test]
+fn tiny_gqa_matches_hf_on_every_case() {
+    check_all_cases("tiny_gqa");
+}
