@@ -5,9 +5,10 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 
-use llava_server::engine::{generate, GenerateOptions};
+use llava_server::engine::{self, EngineConfig};
 use llava_server::frontend::{
-    prompt::eos_token_ids, ChatMessage, ImageProcessorConfig, MessagePart, PromptBuilder, Role,
+    prompt::eos_token_ids, ChatMessage, ChoiceText, ImageProcessorConfig, MessagePart,
+    PromptBuilder, Role,
 };
 use llava_server::model::{parse_device, parse_dtype, resolve_checkpoint, LlavaConfig, LlavaModel};
 use llava_server::types::SamplingParams;
@@ -105,33 +106,44 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         role: Role::User,
         parts,
     }];
-    let prompt = builder.build(&messages, images, 1)?;
+    let prompt = builder.build(&messages, images, args.max_tokens)?;
 
     let started = std::time::Instant::now();
     let model = LlavaModel::load(&checkpoint, config, dtype, &device)?;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
-    let options = GenerateOptions {
-        sampling: SamplingParams {
-            max_tokens: args.max_tokens,
-            temperature: args.temperature,
-            seed: args.seed,
-            ..SamplingParams::default()
-        },
-        eos_token_ids: eos_token_ids(&checkpoint.root),
-        prefill_chunk: None,
-        block_size: args.block_size,
+    let params = SamplingParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        ..SamplingParams::default()
     };
+    let prompt_tokens = prompt.token_ids.len();
+    // One request: a pool just large enough for it.
+    let handle = engine::start(
+        model,
+        EngineConfig {
+            block_size: args.block_size,
+            num_kv_blocks: Some((prompt_tokens + args.max_tokens).div_ceil(args.block_size)),
+            eos_token_ids: eos_token_ids(&checkpoint.root),
+            ..EngineConfig::default()
+        },
+    )?;
     let started = std::time::Instant::now();
-    let generation = generate(&model, &prompt, &options)?;
+    let events = engine::collect_blocking(handle.submit(prompt, params)?)?;
+    let mut text = ChoiceText::new(builder.tokenizer().clone(), true, Vec::new());
+    let mut answer = String::new();
+    for event in &events {
+        answer.push_str(&text.push(&event.token_ids)?.text);
+    }
+    answer.push_str(&text.finish()?.text);
     tracing::info!(
-        prompt_tokens = prompt.token_ids.len(),
-        generated = generation.token_ids.len(),
+        prompt_tokens,
+        generated = events.len(),
         seconds = started.elapsed().as_secs_f64(),
-        finish = ?generation.finish_reason,
+        finish = ?events.last().and_then(|e| e.finish_reason),
         "generated"
     );
-    let text = builder.decode(&generation.token_ids)?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}")?;
+    writeln!(out, "{answer}")?;
     Ok(())
 }

@@ -28,24 +28,58 @@ pub struct TokenizedPrompt {
     pub image_spans: Vec<ImageSpan>,
 }
 
-/// How to pick tokens. `temperature == 0` means greedy.
+/// How to pick tokens and when to stop, per request (OpenAI / vLLM semantics).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
+    /// Independent completions of the same prompt (they share the prompt's KV blocks).
+    pub n: usize,
     pub max_tokens: usize,
+    /// 0 means greedy (and the filters below are then irrelevant).
     pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1 disables.
+    pub top_p: f32,
+    /// 0 disables.
+    pub min_p: f32,
+    /// Same seed + same request → same output, whatever else is batched with it.
     pub seed: Option<u64>,
+    /// CTRL-style, over prompt and output tokens; 1 disables.
+    pub repetition_penalty: f32,
+    /// Subtracted once from every token already generated.
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence in the generated tokens.
+    pub frequency_penalty: f32,
+    pub logit_bias: Vec<(u32, f32)>,
+    /// `Some(k)`: report the chosen token's log-probability and the `k` most likely alternatives.
+    pub logprobs: Option<usize>,
+    /// Stop strings: matched across token boundaries and trimmed by the frontend's detokenizer, which
+    /// then ends the request (as vLLM's output processor does).
+    pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    pub skip_special_tokens: bool,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {
+            n: 1,
             max_tokens: 16,
             temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
             seed: None,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
+            stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            skip_special_tokens: true,
         }
     }
 }
@@ -53,8 +87,47 @@ impl Default for SamplingParams {
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// EOS or a stop token.
+    /// EOS, a stop token or a stop string.
     Stop,
     /// `max_tokens` or the context limit.
     Length,
+}
+
+/// Log-probability of a token, from the model's raw distribution at that step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+}
+
+/// The chosen token's log-probability and the most likely alternatives at that step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepLogprobs {
+    pub chosen: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_prompt_tokens: usize,
+    /// Prompt tokens that are image placeholders.
+    pub image_tokens: usize,
+    /// Generated tokens over all `n` choices.
+    pub completion_tokens: usize,
+}
+
+/// What the engine streams back for one request: new tokens of one choice, its finish, and (on the
+/// request's last event) the usage. Text is the frontend's business (detokenizer, stop strings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    /// Which of the `n` choices this is.
+    pub index: usize,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<StepLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+    /// Set on the last event of the request.
+    pub usage: Option<Usage>,
 }

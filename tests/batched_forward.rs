@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{assert_close, ids, Fixture};
-use llava_server::engine::generate::SequenceState;
 use llava_server::engine::inputs::{encode_images, image_rows_in_range};
+use llava_server::engine::single_sequence::SequenceState;
 use llava_server::model::attention::SequenceStep;
 use llava_server::model::{AttentionMetadata, ForwardInput};
 

@@ -57,9 +57,12 @@ fn transformers5_config_runs_the_same_weights() {
         images: vec![],
         image_spans: vec![],
     };
-    let mut seq =
-        llava_server::engine::generate::SequenceState::new(&model, prompt.token_ids.len(), 16)
-            .unwrap();
+    let mut seq = llava_server::engine::single_sequence::SequenceState::new(
+        &model,
+        prompt.token_ids.len(),
+        16,
+    )
+    .unwrap();
     let logits = seq.prefill(&prompt, None).unwrap();
     let argmax = llava_server::engine::sampler::argmax(&logits);
     assert_eq!(

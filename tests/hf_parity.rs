@@ -6,14 +6,23 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{assert_close, ids, Fixture};
-use llava_server::engine::generate::SequenceState;
 use llava_server::engine::inputs::pixel_values;
-use llava_server::engine::{generate, GenerateOptions};
-use llava_server::frontend::prompt::eos_token_ids;
+use llava_server::engine::single_sequence::SequenceState;
+use llava_server::engine::{self, EngineConfig};
+use llava_server::frontend::ChoiceText;
 use llava_server::types::SamplingParams;
 
 fn check_all_cases(variant: &str) {
     let fx = Fixture::load(variant);
+    // The batched engine on its own copy of the model: greedy tokens come from it.
+    let engine = engine::start(
+        Fixture::load(variant).model,
+        EngineConfig {
+            num_kv_blocks: Some(64),
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
     assert!(!fx.cases().is_empty());
     for case in fx.cases() {
         let name = case["name"].as_str().unwrap();
@@ -71,26 +80,30 @@ fn check_all_cases(variant: &str) {
             1e-4,
         );
 
-        // 16 greedy tokens, ids and text. The references never stopped at EOS.
+        // 16 greedy tokens through the engine, ids and text (whole and incremental decoding).
+        // The references never stopped at EOS.
         let want = ids(&case["greedy"]["ids"]);
-        let options = GenerateOptions {
-            sampling: SamplingParams {
-                max_tokens: want.len(),
-                ignore_eos: true,
-                ..SamplingParams::default()
-            },
-            eos_token_ids: eos_token_ids(&fx.checkpoint.root),
-            prefill_chunk: None,
-            block_size: 16,
+        let params = SamplingParams {
+            max_tokens: want.len(),
+            ignore_eos: true,
+            ..SamplingParams::default()
         };
-        let generation = generate(&fx.model, &prompt, &options).unwrap();
-        assert_eq!(generation.token_ids, want, "{name}: greedy ids");
-        let text = fx.builder.decode(&generation.token_ids).unwrap();
+        let events = engine::collect_blocking(engine.submit(prompt, params).unwrap()).unwrap();
+        let got: Vec<u32> = events.iter().flat_map(|e| e.token_ids.clone()).collect();
+        assert_eq!(got, want, "{name}: greedy ids");
+        let want_text = case["greedy"]["text"].as_str().unwrap();
         assert_eq!(
-            text,
-            case["greedy"]["text"].as_str().unwrap(),
+            fx.builder.decode(&got).unwrap(),
+            want_text,
             "{name}: greedy text"
         );
+        let mut incremental = ChoiceText::new(fx.builder.tokenizer().clone(), true, vec![]);
+        let mut streamed = String::new();
+        for e in &events {
+            streamed.push_str(&incremental.push(&e.token_ids).unwrap().text);
+        }
+        streamed.push_str(&incremental.finish().unwrap().text);
+        assert_eq!(streamed, want_text, "{name}: streamed text");
     }
 }
 

@@ -1,43 +1,99 @@
-//! Picking the next token from logits: greedy (argmax, first index on ties as torch does) or
-//! temperature sampling from a seeded generator. The full sampler arrives with the engine issue.
+//! Picking the next token of one sequence from its logits: logit bias and penalties, then greedy or
+//! temperature sampling filtered by min_p, top_k and top_p, from the sequence's own seeded generator
+//! (so a seed gives the same tokens whatever else shares the batch). Log-probabilities are reported
+//! from the model's raw distribution, as vLLM does by default.
 
 use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
 
-pub struct Sampler {
-    temperature: f32,
+use crate::types::{SamplingParams, StepLogprobs, TokenLogprob};
+
+/// Per-sequence sampling state.
+pub struct SequenceSampler {
+    params: SamplingParams,
     rng: rand::rngs::StdRng,
+    /// Occurrences of each generated token (presence / frequency penalties).
+    output_counts: HashMap<u32, u32>,
+    /// Tokens of prompt and output (repetition penalty).
+    seen: std::collections::HashSet<u32>,
 }
 
-impl Sampler {
-    pub fn new(temperature: f32, seed: Option<u64>) -> Self {
-        let rng = match seed {
-            Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+/// One sampled token with its log-probabilities when asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token_id: u32,
+    pub logprobs: Option<StepLogprobs>,
+}
+
+impl SequenceSampler {
+    /// `choice` separates the `n` choices of one seeded request.
+    pub fn new(params: &SamplingParams, prompt: &[u32], choice: usize) -> Self {
+        let rng = match params.seed {
+            Some(seed) => rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(choice as u64)),
             None => rand::rngs::StdRng::from_os_rng(),
         };
-        Self { temperature, rng }
+        let seen = if params.repetition_penalty != 1.0 {
+            prompt.iter().copied().collect()
+        } else {
+            Default::default()
+        };
+        Self {
+            params: params.clone(),
+            rng,
+            output_counts: HashMap::new(),
+            seen,
+        }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.temperature <= 0.0 {
-            return argmax(logits);
+    pub fn sample(&mut self, raw_logits: &[f32]) -> Sampled {
+        let mut logits = raw_logits.to_vec();
+        self.apply_bias_and_penalties(&mut logits);
+        let token_id = if self.params.temperature <= 0.0 {
+            argmax(&logits)
+        } else {
+            let probs = filtered_probs(&logits, &self.params);
+            draw(&probs, self.rng.random::<f64>())
+        };
+        let logprobs = self
+            .params
+            .logprobs
+            .map(|k| step_logprobs(raw_logits, token_id, k));
+        *self.output_counts.entry(token_id).or_default() += 1;
+        if self.params.repetition_penalty != 1.0 {
+            self.seen.insert(token_id);
         }
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let weights: Vec<f64> = logits
-            .iter()
-            .map(|&l| (((l - max) / self.temperature) as f64).exp())
-            .collect();
-        let total: f64 = weights.iter().sum();
-        let mut target = self.rng.random::<f64>() * total;
-        for (i, w) in weights.iter().enumerate() {
-            target -= w;
-            if target <= 0.0 {
-                return i as u32;
+        Sampled { token_id, logprobs }
+    }
+
+    fn apply_bias_and_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        for &(token, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(token as usize) {
+                *l += bias;
             }
         }
-        argmax(logits)
+        if p.repetition_penalty != 1.0 {
+            for &t in &self.seen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &count) in &self.output_counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * count as f32;
+                }
+            }
+        }
     }
 }
 
+/// Index of the largest logit; the first one on ties, as torch's argmax.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
@@ -48,22 +104,113 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn argmax_takes_the_first_of_equal_maxima() {
-        assert_eq!(argmax(&[0.0, 2.0, 2.0, 1.0]), 1);
+/// The distribution sampled from: softmax(logits / T), then min_p, top_k and top_p (in that order,
+/// as vLLM), renormalised. Removed tokens have probability 0.
+pub fn filtered_probs(logits: &[f32], p: &SamplingParams) -> Vec<f64> {
+    let t = p.temperature as f64;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<f64> = logits
+        .iter()
+        .map(|&l| ((l as f64 - max) / t).exp())
+        .collect();
+    normalise(&mut probs);
+    if p.min_p > 0.0 {
+        let top = probs.iter().copied().fold(0.0, f64::max);
+        let floor = p.min_p as f64 * top;
+        probs
+            .iter_mut()
+            .filter(|x| **x < floor)
+            .for_each(|x| *x = 0.0);
     }
+    let k = p.top_k;
+    if (k > 0 && k < probs.len()) || p.top_p < 1.0 {
+        let mut order: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let mut keep = order.len();
+        if k > 0 {
+            keep = keep.min(k);
+        }
+        if p.top_p < 1.0 {
+            let kept_mass: f64 = order[..keep].iter().map(|&i| probs[i]).sum();
+            let mut cumulative = 0.0;
+            for (rank, &i) in order[..keep].iter().enumerate() {
+                cumulative += probs[i] / kept_mass;
+                if cumulative >= p.top_p as f64 {
+                    keep = rank + 1;
+                    break;
+                }
+            }
+        }
+        let mut filtered = vec![0.0; probs.len()];
+        for &i in &order[..keep.max(1)] {
+            filtered[i] = probs[i];
+        }
+        probs = filtered;
+    }
+    normalise(&mut probs);
+    probs
+}
 
-    #[test]
-    fn sampling_is_reproducible_with_a_seed() {
-        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32).collect();
-        let draw = |seed| {
-            let mut s = Sampler::new(1.0, Some(seed));
-            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
-        };
-        assert_eq!(draw(7), draw(7));
+fn normalise(probs: &mut [f64]) {
+    let total: f64 = probs.iter().sum();
+    if total > 0.0 {
+        probs.iter_mut().for_each(|x| *x /= total);
     }
 }
+
+/// Inverse-CDF draw with `u` uniform in [0, 1).
+fn draw(probs: &[f64], u: f64) -> u32 {
+    let mut remaining = u;
+    let mut last = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p <= 0.0 {
+            continue;
+        }
+        last = i;
+        if remaining < p {
+            return i as u32;
+        }
+        remaining -= p;
+    }
+    last as u32
+}
+
+/// log-softmax of the raw logits: the chosen token and the `k` most likely ones.
+fn step_logprobs(logits: &[f32], chosen: u32, k: usize) -> StepLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_total = logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    let lp = |i: usize| (logits[i] as f64 - log_total) as f32;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let k = k.min(order.len());
+    if k > 0 {
+        order.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b].total_cmp(&logits[a]).then(a.cmp(&b))
+        });
+        order.truncate(k);
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    } else {
+        order.clear();
+    }
+    StepLogprobs {
+        chosen: TokenLogprob {
+            token_id: chosen,
+            logprob: lp(chosen as usize),
+        },
+        top: order
+            .into_iter()
+            .map(|i| TokenLogprob {
+                token_id: i as u32,
+                logprob: lp(i),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+#[path = "sampler_tests.rs"]
+mod tests;

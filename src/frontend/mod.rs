@@ -2,10 +2,12 @@
 //! tokenization with image placeholders. Knows the model only through `model::config`.
 
 pub mod chat_template;
+pub mod detokenizer;
 pub mod image_processor;
 pub mod pil_resize;
 pub mod prompt;
 
+pub use detokenizer::{ChoiceText, IncrementalDetokenizer, TextDelta};
 pub use image_processor::ImageProcessorConfig;
 pub use prompt::{ChatMessage, MessagePart, PromptBuilder, Role};
 

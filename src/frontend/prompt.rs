@@ -3,6 +3,7 @@
 //! the same expansion on the string; expanding the ids is equivalent since `<image>` is a special token).
 
 use std::path::Path;
+use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 use super::chat_template::{ChatTemplate, TemplateMessage, TemplatePart};
@@ -43,7 +44,7 @@ pub struct ChatMessage {
 
 /// Renders and tokenizes prompts for one checkpoint.
 pub struct PromptBuilder {
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
     bos_token: String,
     eos_token: String,
@@ -65,7 +66,7 @@ impl PromptBuilder {
             )));
         }
         Ok(Self {
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             template,
             bos_token: special.bos,
             eos_token: special.eos,
@@ -75,7 +76,7 @@ impl PromptBuilder {
         })
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
     }
 

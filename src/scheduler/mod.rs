@@ -1,2 +1,14 @@
-//! Continuous-batching scheduler and paged KV block manager, pure Rust (no candle, no tokio).
-//! Arrives with the engine issue; until then `engine::generate` drives one sequence directly.
+//! Continuous batching over a paged KV cache, in pure Rust (no candle, no tokio): sequences whose
+//! `num_computed_tokens` catch up with their tokens, a block pool with prefix caching, and one
+//! scheduling rule per step. The engine's runner alone turns its output into model inputs.
+
+pub mod block_pool;
+pub mod policy;
+pub mod sequence;
+
+pub use block_pool::{BlockKey, BlockPool, KvBlock};
+pub use policy::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput};
+pub use sequence::{SeqId, SeqImage, SeqStatus, Sequence};
+
+#[cfg(test)]
+mod tests;

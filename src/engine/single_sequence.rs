@@ -1,31 +1,13 @@
-//! One sequence through the model: chunked prefill over a paged cache, then token-by-token decode.
-//! This is the `generate` command's engine and the tests' way to reach the model; the batched engine
-//! loop drives the same `LlavaModel::forward` with many sequences per step.
+//! One sequence straight through the model, no scheduler: chunked prefill over its own paged cache, then
+//! one token at a time. The reference the batched engine is compared with, and the tests' direct way
+//! to the model's logits.
 
 use candle_core::Tensor;
 
 use super::inputs::{encode_images, image_rows_in_range};
-use super::sampler::Sampler;
 use crate::model::attention::SequenceStep;
 use crate::model::{AttentionMetadata, ForwardInput, KvCache, LlavaModel, ModelError};
-use crate::types::{FinishReason, SamplingParams, TokenizedPrompt};
-
-/// Knobs of a single-sequence run.
-#[derive(Debug, Clone)]
-pub struct GenerateOptions {
-    pub sampling: SamplingParams,
-    /// EOS ids of the checkpoint (ignored with `ignore_eos`).
-    pub eos_token_ids: Vec<u32>,
-    /// Prompt tokens per prefill step (`None`: the whole prompt in one step).
-    pub prefill_chunk: Option<usize>,
-    pub block_size: usize,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Generation {
-    pub token_ids: Vec<u32>,
-    pub finish_reason: FinishReason,
-}
+use crate::types::TokenizedPrompt;
 
 /// A prompt's state in its own paged KV cache.
 pub struct SequenceState<'m> {
@@ -125,39 +107,4 @@ impl<'m> SequenceState<'m> {
     pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, ModelError> {
         self.step(&[token], None)
     }
-}
-
-/// Generates up to `max_tokens` tokens for one prompt.
-pub fn generate(
-    model: &LlavaModel,
-    prompt: &TokenizedPrompt,
-    options: &GenerateOptions,
-) -> Result<Generation, ModelError> {
-    let params = &options.sampling;
-    let max_context = model.config.text.max_position_embeddings;
-    let budget = params
-        .max_tokens
-        .min(max_context.saturating_sub(prompt.token_ids.len()));
-    let mut seq = SequenceState::new(model, prompt.token_ids.len() + budget, options.block_size)?;
-    let mut logits = seq.prefill(prompt, options.prefill_chunk)?;
-    let mut sampler = Sampler::new(params.temperature, params.seed);
-    let mut token_ids = Vec::with_capacity(budget);
-    while token_ids.len() < budget {
-        let token = sampler.sample(&logits);
-        token_ids.push(token);
-        let is_eos = !params.ignore_eos && options.eos_token_ids.contains(&token);
-        if is_eos || params.stop_token_ids.contains(&token) {
-            return Ok(Generation {
-                token_ids,
-                finish_reason: FinishReason::Stop,
-            });
-        }
-        if token_ids.len() < budget {
-            logits = seq.decode(token)?;
-        }
-    }
-    Ok(Generation {
-        token_ids,
-        finish_reason: FinishReason::Length,
-    })
 }

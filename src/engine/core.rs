@@ -1,0 +1,355 @@
+//! The engine's core loop, on its own OS thread: take commands, then schedule → run → sample → update →
+//! emit, one step at a time, until there is no work and the handle is gone. It owns the scheduler and
+//! the runner; requests talk to it only through channels.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::metrics::{add, set, EngineMetrics};
+use super::runner::{BatchEntry, ModelRunner};
+use super::sampler::SequenceSampler;
+use super::EngineError;
+use crate::scheduler::{Scheduler, SeqId, SeqImage, Sequence};
+use crate::types::{
+    FinishReason, ProcessedImage, SamplingParams, TokenEvent, TokenizedPrompt, Usage,
+};
+
+pub type RequestId = u64;
+pub type EventSender = UnboundedSender<Result<TokenEvent, EngineError>>;
+
+pub(super) enum Command {
+    Submit(Box<Submission>),
+    Abort(RequestId),
+}
+
+pub(super) struct Submission {
+    pub id: RequestId,
+    pub prompt: TokenizedPrompt,
+    pub params: SamplingParams,
+    pub events: EventSender,
+}
+
+struct RequestState {
+    params: SamplingParams,
+    events: EventSender,
+    pixels: Arc<Vec<ProcessedImage>>,
+    images: Vec<SeqImage>,
+    seqs: Vec<SeqId>,
+    unfinished: usize,
+    usage: Usage,
+}
+
+struct SeqState {
+    request: RequestId,
+    index: usize,
+    sampler: SequenceSampler,
+    /// Prompt plus `max_tokens`, capped by the context.
+    max_len: usize,
+}
+
+pub(super) struct EngineCore {
+    pub scheduler: Scheduler,
+    pub runner: ModelRunner,
+    pub metrics: Arc<EngineMetrics>,
+    pub eos_token_ids: Vec<u32>,
+    pub max_model_len: usize,
+    requests: HashMap<RequestId, RequestState>,
+    seqs: HashMap<SeqId, SeqState>,
+    next_seq: SeqId,
+}
+
+impl EngineCore {
+    pub fn new(
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        metrics: Arc<EngineMetrics>,
+        eos_token_ids: Vec<u32>,
+        max_model_len: usize,
+    ) -> Self {
+        Self {
+            scheduler,
+            runner,
+            metrics,
+            eos_token_ids,
+            max_model_len,
+            requests: HashMap::new(),
+            seqs: HashMap::new(),
+            next_seq: 0,
+        }
+    }
+
+    /// Runs until the command channel closes and no work is left.
+    pub fn run(mut self, commands: Receiver<Command>) {
+        let mut open = true;
+        loop {
+            if !self.scheduler.has_work() {
+                if !open {
+                    break;
+                }
+                match commands.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match commands.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.drop_abandoned();
+            if self.scheduler.has_work() {
+                self.step();
+            }
+            self.publish_gauges();
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(sub) => self.add_request(*sub),
+            Command::Abort(id) => self.finish_request(id),
+        }
+    }
+
+    fn add_request(&mut self, sub: Submission) {
+        let images: Vec<SeqImage> = sub
+            .prompt
+            .image_spans
+            .iter()
+            .zip(&sub.prompt.images)
+            .map(|(span, img)| SeqImage {
+                start: span.start,
+                len: span.len,
+                content_hash: img.content_hash,
+            })
+            .collect();
+        let prompt_len = sub.prompt.token_ids.len();
+        let max_len = (prompt_len + sub.params.max_tokens).min(self.max_model_len);
+        let mut seq_ids = Vec::with_capacity(sub.params.n);
+        for index in 0..sub.params.n {
+            let id = self.next_seq;
+            self.next_seq += 1;
+            let mut seq = Sequence::new(id, sub.prompt.token_ids.clone(), images.clone());
+            // Later choices wait for the first one's prompt, then reuse its blocks.
+            seq.wait_for = seq_ids.first().copied();
+            self.scheduler.add(seq);
+            self.seqs.insert(
+                id,
+                SeqState {
+                    request: sub.id,
+                    index,
+                    sampler: SequenceSampler::new(&sub.params, &sub.prompt.token_ids, index),
+                    max_len,
+                },
+            );
+            seq_ids.push(id);
+        }
+        let image_tokens = sub.prompt.image_spans.iter().map(|s| s.len).sum();
+        add(
+            &self.metrics.prefix_queried_tokens,
+            (prompt_len * sub.params.n) as u64,
+        );
+        self.requests.insert(
+            sub.id,
+            RequestState {
+                params: sub.params,
+                events: sub.events,
+                pixels: Arc::new(sub.prompt.images),
+                images,
+                unfinished: seq_ids.len(),
+                seqs: seq_ids,
+                usage: Usage {
+                    prompt_tokens: prompt_len,
+                    image_tokens,
+                    ..Usage::default()
+                },
+            },
+        );
+    }
+
+    /// Removes a request and all its sequences (their KV blocks return to the pool as they drop).
+    fn finish_request(&mut self, id: RequestId) {
+        if let Some(req) = self.requests.remove(&id) {
+            for seq in req.seqs {
+                self.scheduler.remove(seq);
+                self.seqs.remove(&seq);
+            }
+        }
+    }
+
+    /// Requests whose stream was dropped are aborted even before their Abort command arrives.
+    fn drop_abandoned(&mut self) {
+        let gone: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.finish_request(id);
+        }
+    }
+
+    fn step(&mut self) {
+        let step_started = Instant::now();
+        let out = self.scheduler.schedule();
+        let schedule_micros = step_started.elapsed().as_micros() as u64;
+        if out.is_empty() {
+            return;
+        }
+        let batch: Vec<BatchEntry<'_>> = out
+            .scheduled
+            .iter()
+            .map(|s| {
+                let seq = self
+                    .scheduler
+                    .get(s.seq_id)
+                    .expect("scheduled sequences exist");
+                let req = &self.requests[&self.seqs[&s.seq_id].request];
+                BatchEntry {
+                    scheduled: s,
+                    token_ids: &seq.token_ids,
+                    images: &req.images,
+                    pixels: &req.pixels,
+                }
+            })
+            .collect();
+        let result = self.runner.execute(&batch);
+        drop(batch);
+        let step = match result {
+            Ok(step) => step,
+            Err(e) => {
+                tracing::error!(error = %e, "model step failed; failing its requests");
+                let failed: Vec<RequestId> = out
+                    .scheduled
+                    .iter()
+                    .filter_map(|s| self.seqs.get(&s.seq_id).map(|q| q.request))
+                    .collect();
+                for id in failed {
+                    if let Some(req) = self.requests.get(&id) {
+                        let _ = req.events.send(Err(EngineError::Model(e.to_string())));
+                    }
+                    self.finish_request(id);
+                }
+                return;
+            }
+        };
+
+        let sample_started = Instant::now();
+        let sampling: Vec<SeqId> = out
+            .scheduled
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| s.seq_id)
+            .collect();
+        let mut sampled = Vec::with_capacity(sampling.len());
+        let mut logprobs = Vec::with_capacity(sampling.len());
+        for (id, logits) in sampling.iter().zip(&step.logits) {
+            let s = self
+                .seqs
+                .get_mut(id)
+                .expect("scheduled")
+                .sampler
+                .sample(logits);
+            sampled.push((*id, s.token_id));
+            logprobs.push(s.logprobs);
+        }
+        let sample_micros = sample_started.elapsed().as_micros() as u64;
+
+        let update_started = Instant::now();
+        self.scheduler.update(&out, &sampled);
+        for ((id, token), lp) in sampled.into_iter().zip(logprobs) {
+            self.emit(id, token, lp);
+        }
+        let m = &self.metrics;
+        add(&m.steps, 1);
+        add(&m.generated_tokens, sampling.len() as u64);
+        add(&m.schedule_micros, schedule_micros);
+        add(&m.prepare_micros, step.prepare_micros);
+        add(&m.forward_micros, step.forward_micros);
+        add(&m.sample_micros, sample_micros);
+        add(
+            &m.update_micros,
+            update_started.elapsed().as_micros() as u64,
+        );
+        add(&m.images_encoded, step.images.encoded);
+        add(&m.image_cache_hits, step.images.cache_hits);
+        add(&m.image_encode_micros, step.images.encode_micros);
+        add(&m.step_micros, step_started.elapsed().as_micros() as u64);
+    }
+
+    /// Sends a sampled token to its request and finishes the sequence when it should stop.
+    fn emit(&mut self, id: SeqId, token: u32, logprobs: Option<crate::types::StepLogprobs>) {
+        let Some(seq_state) = self.seqs.get(&id) else {
+            return;
+        };
+        let req_id = seq_state.request;
+        let (len, cached) = {
+            let seq = self.scheduler.get(id).expect("live sequence");
+            (seq.len(), seq.num_cached_prompt_tokens)
+        };
+        let req = self.requests.get_mut(&req_id).expect("live request");
+        let params = &req.params;
+        let finish = if (!params.ignore_eos && self.eos_token_ids.contains(&token))
+            || params.stop_token_ids.contains(&token)
+        {
+            Some(FinishReason::Stop)
+        } else if len >= seq_state.max_len {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        req.usage.completion_tokens += 1;
+        if seq_state.index == 0 {
+            req.usage.cached_prompt_tokens = cached;
+        }
+        let mut event = TokenEvent {
+            index: seq_state.index,
+            token_ids: vec![token],
+            logprobs: logprobs.into_iter().collect(),
+            finish_reason: finish,
+            usage: None,
+        };
+        if finish.is_some() {
+            req.unfinished -= 1;
+            if req.unfinished == 0 {
+                event.usage = Some(req.usage);
+            }
+        }
+        let delivered = req.events.send(Ok(event)).is_ok();
+        if finish.is_some() {
+            self.scheduler.remove(id);
+            self.seqs.remove(&id);
+        }
+        let req_done = self
+            .requests
+            .get(&req_id)
+            .is_some_and(|r| r.unfinished == 0);
+        if req_done || !delivered {
+            self.finish_request(req_id);
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.metrics;
+        let pool = self.scheduler.pool();
+        set(&m.waiting, self.scheduler.num_waiting() as u64);
+        set(&m.running, self.scheduler.num_running() as u64);
+        set(&m.kv_blocks_total, pool.num_blocks() as u64);
+        set(
+            &m.kv_blocks_used,
+            (pool.num_blocks() - pool.num_free()) as u64,
+        );
+        set(&m.preemptions, self.scheduler.num_preemptions());
+        set(&m.prefix_hit_tokens, self.scheduler.num_prefix_hit_tokens());
+    }
+}

@@ -1,0 +1,247 @@
+//! The engine's async edge: `start` sizes the KV pool and spawns the core thread; `submit` checks a
+//! request against the engine's limits and returns a stream of its token events. Dropping the stream
+//! aborts the request in any state and frees its blocks.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::core::{Command, EngineCore, RequestId, Submission};
+use super::metrics::{EngineMetrics, MetricsSnapshot};
+use super::runner::ModelRunner;
+use super::EngineError;
+use crate::model::{LlavaModel, ModelError};
+use crate::scheduler::{BlockPool, Scheduler, SchedulerConfig};
+use crate::types::{SamplingParams, TokenEvent, TokenizedPrompt};
+
+/// Engine limits and sizes (the CLI's `--max-num-batched-tokens` and friends).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    /// Image feature tokens encoded per step; at least one image's worth is always allowed.
+    pub max_num_encoder_tokens: usize,
+    pub block_size: usize,
+    /// Size of the KV pool in blocks; when `None`, `kv_cache_memory` bytes decide it.
+    pub num_kv_blocks: Option<usize>,
+    pub kv_cache_memory: usize,
+    /// Projected image features kept by content hash.
+    pub image_cache_size: usize,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_num_batched_tokens: 2048,
+            max_num_seqs: 256,
+            max_num_encoder_tokens: 2048,
+            block_size: 16,
+            num_kv_blocks: None,
+            kv_cache_memory: 1 << 30,
+            image_cache_size: 64,
+            eos_token_ids: vec![2],
+        }
+    }
+}
+
+/// What `submit` checks a request against.
+#[derive(Debug, Clone)]
+struct Limits {
+    max_model_len: usize,
+    pool_tokens: usize,
+    max_encoder_tokens: usize,
+}
+
+/// Cloneable handle to a running engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: Arc<Mutex<Option<Sender<Command>>>>,
+    next_id: Arc<AtomicU64>,
+    accepting: Arc<AtomicBool>,
+    metrics: Arc<EngineMetrics>,
+    limits: Limits,
+}
+
+/// Token events of one request; the stream ends after the event that carries `usage`.
+pub struct RequestStream {
+    id: RequestId,
+    events: UnboundedReceiver<Result<TokenEvent, EngineError>>,
+    commands: Sender<Command>,
+}
+
+impl RequestStream {
+    pub async fn next(&mut self) -> Option<Result<TokenEvent, EngineError>> {
+        self.events.recv().await
+    }
+
+    /// For synchronous callers (the CLI, tests); must not be called from inside an async runtime.
+    pub fn blocking_next(&mut self) -> Option<Result<TokenEvent, EngineError>> {
+        self.events.blocking_recv()
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        // After the last event the engine has already forgotten the request: the abort is a no-op.
+        let _ = self.commands.send(Command::Abort(self.id));
+    }
+}
+
+/// Sizes the pool, moves the model onto the core thread and starts it.
+pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, ModelError> {
+    if config.block_size == 0 || config.max_num_batched_tokens == 0 || config.max_num_seqs == 0 {
+        return Err(ModelError::Config(
+            "block size, max batched tokens and max sequences must be positive".into(),
+        ));
+    }
+    let shape = model.kv_cache_shape(1, config.block_size);
+    let per_block = shape.bytes_per_token(model.dtype()) * config.block_size;
+    let num_blocks = config
+        .num_kv_blocks
+        .unwrap_or(config.kv_cache_memory / per_block.max(1));
+    if num_blocks == 0 {
+        return Err(ModelError::Config(format!(
+            "the KV cache holds no block: one block needs {per_block} bytes"
+        )));
+    }
+    let features_per_image = model.config.image_feature_count();
+    let max_encoder_tokens = config.max_num_encoder_tokens.max(features_per_image);
+    let limits = Limits {
+        max_model_len: model.config.text.max_position_embeddings,
+        pool_tokens: num_blocks * config.block_size,
+        max_encoder_tokens,
+    };
+    let kv_cache = model.new_kv_cache(num_blocks, config.block_size)?;
+    tracing::info!(
+        num_blocks,
+        block_size = config.block_size,
+        mib = (num_blocks * per_block) >> 20,
+        "KV cache allocated"
+    );
+    let metrics = Arc::new(EngineMetrics::default());
+    let (tx, rx) = mpsc::channel();
+    let core_metrics = metrics.clone();
+    let max_model_len = limits.max_model_len;
+    std::thread::Builder::new()
+        .name("llava-engine".into())
+        .spawn(move || {
+            // The pool lives on this thread (its blocks are not Send), so it is made here.
+            let scheduler = Scheduler::new(
+                SchedulerConfig {
+                    max_num_batched_tokens: config.max_num_batched_tokens,
+                    max_num_seqs: config.max_num_seqs,
+                    max_num_encoder_tokens: max_encoder_tokens,
+                },
+                BlockPool::new(num_blocks, config.block_size),
+            );
+            let runner = ModelRunner::new(model, kv_cache, config.image_cache_size);
+            EngineCore::new(
+                scheduler,
+                runner,
+                core_metrics,
+                config.eos_token_ids,
+                max_model_len,
+            )
+            .run(rx);
+        })
+        .map_err(|e| ModelError::Config(format!("cannot start the engine thread: {e}")))?;
+    Ok(EngineHandle {
+        commands: Arc::new(Mutex::new(Some(tx))),
+        next_id: Arc::new(AtomicU64::new(0)),
+        accepting: Arc::new(AtomicBool::new(true)),
+        metrics,
+        limits,
+    })
+}
+
+impl EngineHandle {
+    /// Queues a request; errors here are the client's (too long, too big for the pool, bad params).
+    pub fn submit(
+        &self,
+        prompt: TokenizedPrompt,
+        params: SamplingParams,
+    ) -> Result<RequestStream, EngineError> {
+        if !self.accepting.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
+        self.validate(&prompt, &params)?;
+        let commands = self
+            .commands
+            .lock()
+            .expect("not poisoned")
+            .clone()
+            .ok_or(EngineError::ShuttingDown)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events_tx, events) = unbounded_channel();
+        commands
+            .send(Command::Submit(Box::new(Submission {
+                id,
+                prompt,
+                params,
+                events: events_tx,
+            })))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(RequestStream {
+            id,
+            events,
+            commands,
+        })
+    }
+
+    fn validate(
+        &self,
+        prompt: &TokenizedPrompt,
+        params: &SamplingParams,
+    ) -> Result<(), EngineError> {
+        let invalid = |m: String| Err(EngineError::InvalidRequest(m));
+        let len = prompt.token_ids.len();
+        if len == 0 {
+            return invalid("the prompt is empty".into());
+        }
+        if params.n == 0 || params.max_tokens == 0 {
+            return invalid("n and max_tokens must be at least 1".into());
+        }
+        if prompt.images.len() != prompt.image_spans.len() {
+            return invalid("every image needs exactly one placeholder span".into());
+        }
+        let l = &self.limits;
+        if len + params.max_tokens > l.max_model_len {
+            return invalid(format!(
+                "prompt ({len} tokens) + max_tokens ({}) exceeds the context of {} tokens",
+                params.max_tokens, l.max_model_len
+            ));
+        }
+        if len + params.max_tokens > l.pool_tokens {
+            return invalid(format!(
+                "prompt + max_tokens ({}) exceeds the KV cache ({} tokens)",
+                len + params.max_tokens,
+                l.pool_tokens
+            ));
+        }
+        if let Some(span) = prompt
+            .image_spans
+            .iter()
+            .find(|s| s.len > l.max_encoder_tokens)
+        {
+            return invalid(format!(
+                "an image of {} features exceeds the encoder budget of {}",
+                span.len, l.max_encoder_tokens
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// Stops accepting requests; the engine thread ends once in-flight requests finish and every
+    /// handle and stream is gone.
+    pub fn shutdown(&self) {
+        self.accepting.store(false, Ordering::Release);
+        self.commands.lock().expect("not poisoned").take();
+    }
+}

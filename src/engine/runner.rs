@@ -1,0 +1,234 @@
+//! The model runner: turns a step of the scheduler into tensors (flattened token ids, positions, slot
+//! mapping, block tables, sequence boundaries), encodes the images whose placeholders are scheduled
+//! (through an embedding cache keyed by content hash), and runs one forward pass. It owns the model and
+//! the KV cache; the scheduler never sees either.
+
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::inputs::{image_rows_in_range, pixel_values};
+use crate::model::attention::SequenceStep;
+use crate::model::{AttentionMetadata, ForwardInput, KvCache, LlavaModel, ModelError};
+use crate::scheduler::{ScheduledSeq, SeqImage};
+use crate::types::{ImageSpan, ProcessedImage};
+
+/// One scheduled sequence with what the runner needs to read of it.
+pub struct BatchEntry<'a> {
+    pub scheduled: &'a ScheduledSeq,
+    /// All of the sequence's tokens (prompt and generated).
+    pub token_ids: &'a [u32],
+    pub images: &'a [SeqImage],
+    /// Pixel values of `images`, same order.
+    pub pixels: &'a [ProcessedImage],
+}
+
+/// What a step cost on the image side, for metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StepImageStats {
+    pub encoded: u64,
+    pub cache_hits: u64,
+    pub encode_micros: u64,
+}
+
+/// Projected image features by content hash, least recently used evicted beyond `capacity`.
+struct ImageEmbeddingCache {
+    entries: HashMap<[u8; 32], (Tensor, u64)>,
+    capacity: usize,
+    clock: u64,
+}
+
+impl ImageEmbeddingCache {
+    fn get(&mut self, hash: &[u8; 32]) -> Option<Tensor> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(hash).map(|(t, used)| {
+            *used = clock;
+            t.clone()
+        })
+    }
+
+    fn insert(&mut self, hash: [u8; 32], features: Tensor) {
+        self.clock += 1;
+        self.entries.insert(hash, (features, self.clock));
+        while self.entries.len() > self.capacity.max(1) {
+            let oldest = *self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(h, _)| h)
+                .expect("non-empty");
+            self.entries.remove(&oldest);
+        }
+    }
+}
+
+pub struct ModelRunner {
+    model: LlavaModel,
+    kv_cache: KvCache,
+    image_cache: ImageEmbeddingCache,
+}
+
+/// Output of a step: last-position logits of each sampling sequence, in batch order.
+pub struct StepOutput {
+    pub logits: Vec<Vec<f32>>,
+    pub images: StepImageStats,
+    pub prepare_micros: u64,
+    pub forward_micros: u64,
+}
+
+impl ModelRunner {
+    pub fn new(model: LlavaModel, kv_cache: KvCache, image_cache_size: usize) -> Self {
+        Self {
+            model,
+            kv_cache,
+            image_cache: ImageEmbeddingCache {
+                entries: HashMap::new(),
+                capacity: image_cache_size,
+                clock: 0,
+            },
+        }
+    }
+
+    pub fn model(&self) -> &LlavaModel {
+        &self.model
+    }
+
+    /// Features of every image overlapping a scheduled range, encoding the uncached ones in one batch.
+    fn image_features(
+        &mut self,
+        batch: &[BatchEntry<'_>],
+        stats: &mut StepImageStats,
+    ) -> Result<HashMap<[u8; 32], Tensor>, ModelError> {
+        let mut found = HashMap::new();
+        let mut missing: Vec<&ProcessedImage> = Vec::new();
+        for entry in batch {
+            let (start, end) = range(entry.scheduled);
+            for (img, pixels) in entry.images.iter().zip(entry.pixels) {
+                if !img.overlaps(start, end) || found.contains_key(&img.content_hash) {
+                    continue;
+                }
+                if missing.iter().any(|m| m.content_hash == img.content_hash) {
+                    continue;
+                }
+                match self.image_cache.get(&img.content_hash) {
+                    Some(features) => {
+                        stats.cache_hits += 1;
+                        found.insert(img.content_hash, features);
+                    }
+                    None => missing.push(pixels),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let started = Instant::now();
+            let owned: Vec<ProcessedImage> = missing.iter().map(|p| (*p).clone()).collect();
+            let features = self
+                .model
+                .encode_images(&pixel_values(&owned, self.model.device())?)?;
+            for (i, img) in owned.iter().enumerate() {
+                let f = features.get(i)?;
+                self.image_cache.insert(img.content_hash, f.clone());
+                found.insert(img.content_hash, f);
+            }
+            stats.encoded += owned.len() as u64;
+            stats.encode_micros += started.elapsed().as_micros() as u64;
+        }
+        Ok(found)
+    }
+
+    pub fn execute(&mut self, batch: &[BatchEntry<'_>]) -> Result<StepOutput, ModelError> {
+        let started = Instant::now();
+        let mut images = StepImageStats::default();
+        let features = self.image_features(batch, &mut images)?;
+        let device = self.model.device().clone();
+
+        let mut token_ids = Vec::new();
+        let mut steps = Vec::with_capacity(batch.len());
+        let mut feature_parts = Vec::new();
+        let mut feature_rows = Vec::new();
+        let mut logits_rows = Vec::new();
+        for entry in batch {
+            let s = entry.scheduled;
+            let (start, end) = range(s);
+            let offset = token_ids.len();
+            token_ids.extend_from_slice(&entry.token_ids[start..end]);
+            steps.push(SequenceStep {
+                num_cached: s.num_cached,
+                num_new: s.num_new,
+                block_table: &s.block_ids,
+            });
+            let (spans, feats): (Vec<ImageSpan>, Vec<Tensor>) = entry
+                .images
+                .iter()
+                .filter(|img| img.overlaps(start, end))
+                .map(|img| {
+                    let span = ImageSpan {
+                        start: img.start,
+                        len: img.len,
+                    };
+                    (span, features[&img.content_hash].clone())
+                })
+                .unzip();
+            if let Some((f, rows)) = image_rows_in_range(&spans, &feats, start, s.num_new, offset)?
+            {
+                feature_parts.push(f);
+                feature_rows.extend(rows);
+            }
+            if s.sample {
+                logits_rows.push(token_ids.len() as u32 - 1);
+            }
+        }
+        let block_size = self.kv_cache.shape.block_size;
+        let meta = AttentionMetadata::build(&steps, block_size, &device)?;
+        let token_ids = Tensor::new(token_ids, &device)?;
+        let image_rows = if feature_parts.is_empty() {
+            None
+        } else {
+            Some((
+                Tensor::cat(&feature_parts, 0)?,
+                Tensor::new(feature_rows, &device)?,
+            ))
+        };
+        let prepare_micros = started.elapsed().as_micros() as u64 - images.encode_micros;
+        let forward_started = Instant::now();
+        let logits = if logits_rows.is_empty() {
+            // Only partial prefills this step: the K/V are what matters, no logits are wanted.
+            let rows = Tensor::new(&[0u32], &device)?;
+            self.forward(&token_ids, &image_rows, &meta, &rows)?;
+            Vec::new()
+        } else {
+            let rows = Tensor::new(logits_rows, &device)?;
+            self.forward(&token_ids, &image_rows, &meta, &rows)?
+                .to_vec2::<f32>()?
+        };
+        Ok(StepOutput {
+            logits,
+            images,
+            prepare_micros,
+            forward_micros: forward_started.elapsed().as_micros() as u64,
+        })
+    }
+
+    fn forward(
+        &self,
+        token_ids: &Tensor,
+        image_rows: &Option<(Tensor, Tensor)>,
+        meta: &AttentionMetadata,
+        logits_rows: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        self.model.forward(
+            &ForwardInput {
+                token_ids,
+                image_rows: image_rows.as_ref().map(|(f, r)| (f, r)),
+                attention: meta,
+                logits_rows,
+            },
+            &self.kv_cache,
+        )
+    }
+}
+
+fn range(s: &ScheduledSeq) -> (usize, usize) {
+    (s.num_cached, s.num_cached + s.num_new)
+}

@@ -1,0 +1,152 @@
+//! A sequence as the scheduler sees it: token ids (prompt, then generated), how many of them have K/V
+//! in the cache (`num_computed_tokens`), the blocks that hold them, and where its images' placeholders lie.
+
+use super::block_pool::{BlockKey, BlockPool, KvBlock};
+
+pub type SeqId = u64;
+
+/// An image's placeholder run in the token ids, and its content hash (for caches).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqImage {
+    pub start: usize,
+    pub len: usize,
+    pub content_hash: [u8; 32],
+}
+
+impl SeqImage {
+    pub fn overlaps(&self, start: usize, end: usize) -> bool {
+        self.start < end && start < self.start + self.len
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqStatus {
+    Waiting,
+    Running,
+}
+
+#[derive(Debug)]
+pub struct Sequence {
+    pub id: SeqId,
+    pub token_ids: Vec<u32>,
+    pub num_prompt_tokens: usize,
+    pub num_computed_tokens: usize,
+    pub images: Vec<SeqImage>,
+    pub status: SeqStatus,
+    pub num_preemptions: usize,
+    /// Prompt tokens found in the prefix cache when this sequence was (last) admitted.
+    pub num_cached_prompt_tokens: usize,
+    /// A sibling (`n > 1`) waits until this sequence's prompt is computed, then reuses its blocks.
+    pub wait_for: Option<SeqId>,
+    pub(super) blocks: Vec<KvBlock>,
+    /// Chained hashes of the leading full blocks that are registered in the prefix cache.
+    pub(super) block_hashes: Vec<u64>,
+    /// Which images have been handed to the encoder since admission.
+    pub(super) images_scheduled: Vec<bool>,
+}
+
+impl Sequence {
+    pub fn new(id: SeqId, prompt: Vec<u32>, images: Vec<SeqImage>) -> Self {
+        let n = images.len();
+        Self {
+            id,
+            num_prompt_tokens: prompt.len(),
+            token_ids: prompt,
+            num_computed_tokens: 0,
+            images,
+            status: SeqStatus::Waiting,
+            num_preemptions: 0,
+            num_cached_prompt_tokens: 0,
+            wait_for: None,
+            blocks: Vec::new(),
+            block_hashes: Vec::new(),
+            images_scheduled: vec![false; n],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.token_ids.is_empty()
+    }
+
+    pub fn num_output_tokens(&self) -> usize {
+        self.token_ids.len() - self.num_prompt_tokens
+    }
+
+    pub fn output_tokens(&self) -> &[u32] {
+        &self.token_ids[self.num_prompt_tokens..]
+    }
+
+    pub fn block_ids(&self) -> Vec<u32> {
+        self.blocks.iter().map(KvBlock::id).collect()
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The key of full block `index` (its tokens must be known), chained onto block `index − 1`.
+    pub(super) fn block_key(
+        &self,
+        index: usize,
+        block_size: usize,
+        parent: Option<u64>,
+    ) -> BlockKey {
+        let (start, end) = (index * block_size, (index + 1) * block_size);
+        BlockKey {
+            parent,
+            token_ids: self.token_ids[start..end].to_vec(),
+            image_hashes: self
+                .images
+                .iter()
+                .filter(|img| img.overlaps(start, end))
+                .map(|img| img.content_hash)
+                .collect(),
+        }
+    }
+
+    /// Takes the longest run of leading blocks found in the prefix cache, leaving at least the last
+    /// token to compute (its logits are needed). Returns the number of tokens covered.
+    pub(super) fn take_cached_prefix(&mut self, pool: &BlockPool) -> usize {
+        let bs = pool.block_size();
+        let max_blocks = self.len().saturating_sub(1) / bs;
+        let mut parent = None;
+        while self.blocks.len() < max_blocks {
+            let key = self.block_key(self.blocks.len(), bs, parent);
+            let hash = key.hash();
+            match pool.lookup(&key, hash) {
+                Some(block) => {
+                    self.blocks.push(block);
+                    self.block_hashes.push(hash);
+                    parent = Some(hash);
+                }
+                None => break,
+            }
+        }
+        self.blocks.len() * bs
+    }
+
+    /// Registers every full, computed block not yet in the prefix cache.
+    pub(super) fn register_computed_blocks(&mut self, pool: &BlockPool) {
+        let bs = pool.block_size();
+        let full = (self.num_computed_tokens / bs).min(self.blocks.len());
+        while self.block_hashes.len() < full {
+            let index = self.block_hashes.len();
+            let key = self.block_key(index, bs, self.block_hashes.last().copied());
+            let hash = key.hash();
+            pool.register(&self.blocks[index], key, hash);
+            self.block_hashes.push(hash);
+        }
+    }
+
+    /// Gives back every block and forgets computed state: the sequence will be recomputed.
+    pub(super) fn reset_for_recompute(&mut self) {
+        self.blocks.clear();
+        self.block_hashes.clear();
+        self.num_computed_tokens = 0;
+        self.images_scheduled.iter_mut().for_each(|s| *s = false);
+    }
+}
