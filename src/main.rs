@@ -1,10 +1,14 @@
-//! The `llava-server` command line. Every flag has an `LLAVA_SERVER_*` environment twin.
+//! The `llava-server` command line: `serve`, `generate`, `run-batch`, `print-openapi`. Every flag has
+//! an `LLAVA_SERVER_*` environment twin.
+
+mod cli;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use std::io::Write;
-use std::path::PathBuf;
 
+use cli::{Cli, Command, GenerateArgs, RunBatchArgs, ServeArgs};
+use llava_server::api;
 use llava_server::engine::{self, EngineConfig};
 use llava_server::frontend::{
     prompt::eos_token_ids, ChatMessage, ChoiceText, ImageProcessorConfig, MessagePart,
@@ -12,55 +16,6 @@ use llava_server::frontend::{
 };
 use llava_server::model::{parse_device, parse_dtype, resolve_checkpoint, LlavaConfig, LlavaModel};
 use llava_server::types::SamplingParams;
-
-/// The tiny random-weight checkpoint shipped with the repository, used when no model is named.
-const BUNDLED_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny");
-
-#[derive(Parser)]
-#[command(
-    name = "llava-server",
-    version,
-    about = "OpenAI-compatible inference server for LLaVA models"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Answer one prompt (with optional images) and print only the generated text.
-    Generate(GenerateArgs),
-}
-
-#[derive(clap::Args)]
-struct GenerateArgs {
-    /// Checkpoint: a local llava-hf folder or a hub id (default: the repository's tiny test fixture).
-    #[arg(long, env = "LLAVA_SERVER_MODEL", default_value = BUNDLED_FIXTURE)]
-    model: String,
-    /// The user's text.
-    #[arg(long)]
-    prompt: String,
-    /// Image files, placed before the text as the chat template does.
-    #[arg(long = "image")]
-    images: Vec<PathBuf>,
-    #[arg(long, env = "LLAVA_SERVER_MAX_TOKENS", default_value_t = 64)]
-    max_tokens: usize,
-    /// 0 means greedy decoding.
-    #[arg(long, env = "LLAVA_SERVER_TEMPERATURE", default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, env = "LLAVA_SERVER_SEED")]
-    seed: Option<u64>,
-    /// Compute dtype: f32, f16 or bf16.
-    #[arg(long, env = "LLAVA_SERVER_DTYPE", default_value = "f32")]
-    dtype: String,
-    /// cpu or cuda:N.
-    #[arg(long, env = "LLAVA_SERVER_DEVICE", default_value = "cpu")]
-    device: String,
-    /// Tokens per KV-cache block.
-    #[arg(long, env = "LLAVA_SERVER_BLOCK_SIZE", default_value_t = 16)]
-    block_size: usize,
-}
 
 fn main() {
     tracing_subscriber::fmt()
@@ -72,12 +27,45 @@ fn main() {
         .init();
     let result = match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
+        Command::Serve(args) => run_async(serve(args)),
+        Command::RunBatch(args) => run_async(run_batch(args)),
+        Command::PrintOpenapi => {
+            println!("{}", api::openapi::openapi_json());
+            Ok(())
+        }
     };
     // Errors are for users: the whole cause chain on one line, exit status 1, no backtrace.
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let opts = args.into_options()?;
+    let server = api::server::spawn(opts, api::server::termination_signal()).await?;
+    eprintln!("llava-server listening on http://{}", server.addr);
+    server.task.await.context("server task panicked")?
+}
+
+async fn run_batch(args: RunBatchArgs) -> anyhow::Result<()> {
+    let opts = args.serve.into_options()?;
+    let served = tokio::task::spawn_blocking(move || {
+        api::server::load_served_model(&opts.model, &opts.dtype, &opts.device, opts.engine)
+            .map(|m| (m, opts.api, opts.media))
+    })
+    .await
+    .context("model loader panicked")??;
+    let (model, api_config, media) = served;
+    api::batch::run_batch(model, api_config, media, &args.input, &args.output).await
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {

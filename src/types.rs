@@ -128,6 +128,8 @@ pub struct TokenEvent {
     pub token_ids: Vec<u32>,
     pub logprobs: Vec<StepLogprobs>,
     pub finish_reason: Option<FinishReason>,
+    /// Prompt tokens of this choice served from the prefix cache.
+    pub cached_prompt_tokens: usize,
     /// Set on the last event of the request.
     pub usage: Option<Usage>,
 }

@@ -317,6 +317,7 @@ impl EngineCore {
             token_ids: vec![token],
             logprobs: logprobs.into_iter().collect(),
             finish_reason: finish,
+            cached_prompt_tokens: cached,
             usage: None,
         };
         if finish.is_some() {

@@ -4,6 +4,7 @@
 pub mod chat_template;
 pub mod detokenizer;
 pub mod image_processor;
+pub mod media;
 pub mod pil_resize;
 pub mod prompt;
 

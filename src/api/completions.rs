@@ -1,0 +1,168 @@
+//! `POST /v1/completions`: a text prompt (no template, no images), whole or streamed.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tokenizers::Tokenizer;
+
+use super::body::parse_json;
+use super::error::ApiError;
+use super::generation::{
+    finish_reason_str, prepare_completion, run_to_completion, submit, token_text, ChoiceProgress,
+    Prepared,
+};
+use super::sse::{sse_response, SseSink, StreamEnd};
+use super::state::{new_id, unix_now, SharedState};
+use super::wire::{
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorResponse,
+    PromptInput,
+};
+use crate::types::StepLogprobs;
+
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "A text completion, or (with `stream`) server-sent `text_completion` events ending in `data: [DONE]`",
+         content((CompletionResponse = "application/json"), (CompletionResponse = "text/event-stream"))),
+        (status = 400, description = "Invalid request", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+        (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 429, description = "Queue full", body = ErrorResponse),
+        (status = 503, description = "Loading or shutting down", body = ErrorResponse),
+    ),
+    security(("bearer" = [])),
+    tag = "OpenAI"
+)]
+pub async fn completions(
+    State(state): State<SharedState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_json(&state, body)?;
+    let prompt = match &req.prompt {
+        PromptInput::Text(t) => t.clone(),
+        PromptInput::Many(v) if v.len() == 1 => v[0].clone(),
+        PromptInput::Many(_) => {
+            return Err(ApiError::invalid("`prompt` must be one string", "prompt"))
+        }
+    };
+    let prepared = prepare_completion(&state, &req.model, &prompt, &req.sampling)?;
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    if req.sampling.stream {
+        return stream_completion(state, req.model, prepared, include_usage);
+    }
+    let params = prepared.params.clone();
+    let (stream, _in_flight, tokenizer, usage) = submit(&state, prepared)?;
+    let done = run_to_completion(stream, tokenizer.clone(), &params, usage).await?;
+    metrics::counter!("llava_requests_total", "status" => "200").increment(1);
+    let response = CompletionResponse {
+        id: new_id("cmpl"),
+        object: "text_completion",
+        created: unix_now(),
+        model: req.model,
+        system_fingerprint: state.system_fingerprint.clone(),
+        choices: done
+            .texts
+            .into_iter()
+            .zip(done.finishes)
+            .zip(done.logprobs)
+            .enumerate()
+            .map(|(index, ((text, finish), lp))| CompletionChoice {
+                index,
+                text,
+                logprobs: params.logprobs.map(|_| legacy_logprobs(&tokenizer, &lp)),
+                finish_reason: Some(finish_reason_str(finish)),
+            })
+            .collect(),
+        usage: Some(done.usage),
+    };
+    Ok(Json(response).into_response())
+}
+
+fn legacy_logprobs(tokenizer: &Tokenizer, steps: &[StepLogprobs]) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut offset = 0;
+    for s in steps {
+        let (token, _) = token_text(tokenizer, s.chosen.token_id);
+        out.text_offset.push(offset);
+        offset += token.len();
+        out.tokens.push(token);
+        out.token_logprobs.push(s.chosen.logprob);
+        out.top_logprobs.push(
+            s.top
+                .iter()
+                .map(|t| (token_text(tokenizer, t.token_id).0, t.logprob))
+                .collect(),
+        );
+    }
+    out
+}
+
+fn stream_completion(
+    state: SharedState,
+    model: String,
+    prepared: Prepared,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let params = prepared.params.clone();
+    let (mut stream, in_flight, tokenizer, usage) = submit(&state, prepared)?;
+    let id = new_id("cmpl");
+    let created = unix_now();
+    let fingerprint = state.system_fingerprint.clone();
+    let chunk = move |choices: Vec<CompletionChoice>, usage| CompletionResponse {
+        id: id.clone(),
+        object: "text_completion",
+        created,
+        model: model.clone(),
+        system_fingerprint: fingerprint.clone(),
+        choices,
+        usage,
+    };
+    Ok(sse_response(move |sink: SseSink| async move {
+        let _in_flight = in_flight;
+        let mut choices: Vec<ChoiceProgress> = (0..params.n)
+            .map(|_| ChoiceProgress::new(tokenizer.clone(), &params))
+            .collect();
+        while choices.iter().any(|c| c.finish.is_none()) {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                _ = sink.closed() => return Err(StreamEnd),
+            };
+            let event = match next {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => return sink.send_error(&ApiError::from(e)),
+                None => {
+                    return sink.send_error(&ApiError::Internal(
+                        "the engine ended the request early".into(),
+                    ))
+                }
+            };
+            let index = event.index;
+            let delta = choices[index].apply(&event).map_err(|e| sink.fail(&e))?;
+            if !delta.text.is_empty() || delta.finish.is_some() {
+                let choice = CompletionChoice {
+                    index,
+                    text: delta.text,
+                    logprobs: params
+                        .logprobs
+                        .map(|_| legacy_logprobs(&tokenizer, &delta.logprobs)),
+                    finish_reason: delta.finish.map(finish_reason_str),
+                };
+                sink.send_json(&chunk(vec![choice], None))?;
+            }
+        }
+        drop(stream);
+        if include_usage {
+            let usage = super::generation::final_usage(usage, &choices);
+            sink.send_json(&chunk(Vec::new(), Some(usage)))?;
+        }
+        metrics::counter!("llava_requests_total", "status" => "200").increment(1);
+        sink.send_done()
+    }))
+}

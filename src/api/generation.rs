@@ -1,0 +1,312 @@
+//! The path every generation request takes, streamed or not, over HTTP or from `run-batch`: validate,
+//! fetch and preprocess images off the async runtime, render and tokenize, submit, and turn the engine's
+//! token events into per-choice text (stop strings included) and usage.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokenizers::Tokenizer;
+
+use super::error::ApiError;
+use super::state::{AppState, InFlight, ServedModel, SharedState};
+use super::validate::{chat_messages, sampling_params};
+use super::wire::{
+    ChatCompletionRequest, PromptTokensDetails, TokenLogprobWire, TopLogprobWire, UsageWire,
+};
+use crate::engine::RequestStream;
+use crate::frontend::media::check_dimensions;
+use crate::frontend::ChoiceText;
+use crate::types::{
+    FinishReason, ProcessedImage, SamplingParams, StepLogprobs, TokenEvent, TokenizedPrompt,
+};
+
+/// A request ready for the engine.
+pub struct Prepared {
+    pub prompt: TokenizedPrompt,
+    pub params: SamplingParams,
+}
+
+/// Fills in `max_tokens` (the rest of the context when the client left it out) and checks the fit.
+fn resolve_max_tokens(
+    params: &mut SamplingParams,
+    asked: Option<usize>,
+    prompt_len: usize,
+    max_model_len: usize,
+) -> Result<(), ApiError> {
+    let room = max_model_len.saturating_sub(prompt_len);
+    params.max_tokens = match asked {
+        Some(m) if prompt_len + m > max_model_len => {
+            return Err(ApiError::invalid(
+                format!(
+                    "the prompt is {prompt_len} tokens and max_tokens is {m}: together they exceed the context of {max_model_len} tokens"
+                ),
+                "max_tokens",
+            ))
+        }
+        Some(m) => m,
+        None if room == 0 => {
+            return Err(ApiError::invalid(
+                format!("the prompt is {prompt_len} tokens, which fills the context of {max_model_len} tokens"),
+                "messages",
+            ))
+        }
+        None => room,
+    };
+    Ok(())
+}
+
+/// Fetches every image (concurrently), then decodes and preprocesses them on the blocking pool.
+async fn load_images(
+    state: &AppState,
+    model: &ServedModel,
+    urls: Vec<String>,
+) -> Result<Vec<ProcessedImage>, ApiError> {
+    if urls.len() > state.config.max_images_per_request {
+        return Err(ApiError::invalid(
+            format!(
+                "{} images given; at most {} per request",
+                urls.len(),
+                state.config.max_images_per_request
+            ),
+            "messages",
+        ));
+    }
+    let fetched = futures_util::future::join_all(urls.iter().map(|u| state.media.fetch(u))).await;
+    let mut bytes = Vec::with_capacity(fetched.len());
+    for f in fetched {
+        bytes.push(f?);
+    }
+    let processor = model.processor.clone();
+    let max_pixels = state.media.policy().max_pixels;
+    let started = Instant::now();
+    let images = tokio::task::spawn_blocking(move || {
+        bytes
+            .iter()
+            .map(|b| {
+                check_dimensions(b, max_pixels)?;
+                Ok(processor.process_bytes(b)?)
+            })
+            .collect::<Result<Vec<_>, ApiError>>()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("image worker failed: {e}")))??;
+    if !images.is_empty() {
+        metrics::histogram!("llava_image_preprocess_seconds")
+            .record(started.elapsed().as_secs_f64());
+    }
+    Ok(images)
+}
+
+/// Validation, images and tokenization of a chat request.
+pub async fn prepare_chat(
+    state: &SharedState,
+    req: &ChatCompletionRequest,
+) -> Result<Prepared, ApiError> {
+    state.check_model(&req.model)?;
+    let model = state.served()?;
+    let (mut params, asked) = sampling_params(&req.sampling, true, model.vocab_size)?;
+    let (messages, urls) = chat_messages(&req.messages)?;
+    let images = load_images(state, model, urls).await?;
+    let builder = model.builder.clone();
+    let prompt = tokio::task::spawn_blocking(move || builder.build(&messages, images, 0))
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer worker failed: {e}")))??;
+    resolve_max_tokens(
+        &mut params,
+        asked,
+        prompt.token_ids.len(),
+        model.max_model_len,
+    )?;
+    Ok(Prepared { prompt, params })
+}
+
+/// Validation and tokenization of a plain text completion request (no images, no template).
+pub fn prepare_completion(
+    state: &SharedState,
+    model_name: &str,
+    prompt: &str,
+    sampling: &super::wire::SamplingFields,
+) -> Result<Prepared, ApiError> {
+    state.check_model(model_name)?;
+    let model = state.served()?;
+    let (mut params, asked) = sampling_params(sampling, false, model.vocab_size)?;
+    let prompt = model.builder.tokenize(prompt, Vec::new(), 0)?;
+    resolve_max_tokens(
+        &mut params,
+        asked,
+        prompt.token_ids.len(),
+        model.max_model_len,
+    )?;
+    Ok(Prepared { prompt, params })
+}
+
+/// Submits a prepared request under the queue limit.
+pub fn submit(
+    state: &SharedState,
+    prepared: Prepared,
+) -> Result<(RequestStream, InFlight, Arc<Tokenizer>, UsageWire), ApiError> {
+    let model = state.served()?;
+    let guard = state.admit()?;
+    let usage = UsageWire {
+        prompt_tokens: prepared.prompt.token_ids.len(),
+        prompt_tokens_details: PromptTokensDetails {
+            cached_tokens: 0,
+            image_tokens: prepared.prompt.image_spans.iter().map(|s| s.len).sum(),
+        },
+        ..UsageWire::default()
+    };
+    let stream = model
+        .engine
+        .submit(prepared.prompt, prepared.params.clone())?;
+    Ok((stream, guard, model.builder.tokenizer().clone(), usage))
+}
+
+/// One choice's progress: text so far is emitted as deltas; finish once the engine or a stop string ends it.
+pub struct ChoiceProgress {
+    text: ChoiceText,
+    pub finish: Option<FinishReason>,
+    pub completion_tokens: usize,
+    pub cached_prompt_tokens: usize,
+}
+
+/// What one engine event adds to a choice.
+pub struct ChoiceDelta {
+    pub text: String,
+    pub logprobs: Vec<StepLogprobs>,
+    pub finish: Option<FinishReason>,
+}
+
+impl ChoiceProgress {
+    pub fn new(tokenizer: Arc<Tokenizer>, params: &SamplingParams) -> Self {
+        Self {
+            text: ChoiceText::new(tokenizer, params.skip_special_tokens, params.stop.clone()),
+            finish: None,
+            completion_tokens: 0,
+            cached_prompt_tokens: 0,
+        }
+    }
+
+    pub fn apply(&mut self, event: &TokenEvent) -> Result<ChoiceDelta, ApiError> {
+        let mut delta = ChoiceDelta {
+            text: String::new(),
+            logprobs: Vec::new(),
+            finish: None,
+        };
+        if self.finish.is_some() {
+            return Ok(delta);
+        }
+        self.completion_tokens += event.token_ids.len();
+        self.cached_prompt_tokens = event.cached_prompt_tokens;
+        let pushed = self.text.push(&event.token_ids)?;
+        delta.text = pushed.text;
+        delta.logprobs = event.logprobs.clone();
+        if pushed.hit_stop_string {
+            delta.finish = Some(FinishReason::Stop);
+        } else if let Some(reason) = event.finish_reason {
+            delta.text.push_str(&self.text.finish()?.text);
+            delta.finish = Some(reason);
+        }
+        self.finish = delta.finish;
+        Ok(delta)
+    }
+}
+
+/// Usage once every choice is done (counted here, since stop strings end choices before the engine).
+pub fn final_usage(mut usage: UsageWire, choices: &[ChoiceProgress]) -> UsageWire {
+    usage.completion_tokens = choices.iter().map(|c| c.completion_tokens).sum();
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    usage.prompt_tokens_details.cached_tokens =
+        choices.first().map_or(0, |c| c.cached_prompt_tokens);
+    usage
+}
+
+pub fn finish_reason_str(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+/// A token as text for logprobs: its vocabulary piece with SentencePiece's `▁` as a space and byte
+/// tokens as their byte; `bytes` are the UTF-8 (or raw) bytes.
+pub fn token_text(tokenizer: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let piece = tokenizer.id_to_token(id).unwrap_or_default();
+    if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')) {
+        if let Ok(byte) = u8::from_str_radix(hex, 16) {
+            return (String::from_utf8_lossy(&[byte]).into_owned(), vec![byte]);
+        }
+    }
+    let text = piece.replace('\u{2581}', " ");
+    let bytes = text.as_bytes().to_vec();
+    (text, bytes)
+}
+
+pub fn chat_logprobs(tokenizer: &Tokenizer, steps: &[StepLogprobs]) -> Vec<TokenLogprobWire> {
+    steps
+        .iter()
+        .map(|s| {
+            let (token, bytes) = token_text(tokenizer, s.chosen.token_id);
+            TokenLogprobWire {
+                token,
+                logprob: s.chosen.logprob,
+                bytes,
+                top_logprobs: s
+                    .top
+                    .iter()
+                    .map(|t| {
+                        let (token, bytes) = token_text(tokenizer, t.token_id);
+                        TopLogprobWire {
+                            token,
+                            logprob: t.logprob,
+                            bytes,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// Every choice's text, finish and logprobs, by running the request to its end.
+pub struct Completed {
+    pub texts: Vec<String>,
+    pub finishes: Vec<FinishReason>,
+    pub logprobs: Vec<Vec<StepLogprobs>>,
+    pub usage: UsageWire,
+}
+
+pub async fn run_to_completion(
+    mut stream: RequestStream,
+    tokenizer: Arc<Tokenizer>,
+    params: &SamplingParams,
+    usage: UsageWire,
+) -> Result<Completed, ApiError> {
+    let n = params.n;
+    let mut choices: Vec<ChoiceProgress> = (0..n)
+        .map(|_| ChoiceProgress::new(tokenizer.clone(), params))
+        .collect();
+    let mut texts = vec![String::new(); n];
+    let mut logprobs = vec![Vec::new(); n];
+    while choices.iter().any(|c| c.finish.is_none()) {
+        let Some(event) = stream.next().await else {
+            return Err(ApiError::Internal(
+                "the engine ended the request early".into(),
+            ));
+        };
+        let event = event?;
+        let delta = choices[event.index].apply(&event)?;
+        texts[event.index].push_str(&delta.text);
+        logprobs[event.index].extend(delta.logprobs);
+    }
+    // Dropping the stream here aborts any choice still running after a stop string ended it.
+    drop(stream);
+    Ok(Completed {
+        texts,
+        finishes: choices
+            .iter()
+            .map(|c| c.finish.expect("all finished"))
+            .collect(),
+        logprobs,
+        usage: final_usage(usage, &choices),
+    })
+}

@@ -1,0 +1,140 @@
+//! Serving: bind first (so `/health` answers 503 while the model loads), load the model on a blocking
+//! thread, then serve until SIGTERM/SIGINT; on a signal stop accepting, refuse new work with 503 and
+//! let in-flight requests finish for up to the shutdown timeout.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::state::{ApiConfig, AppState, ServedModel, SharedState};
+use crate::engine::{self, EngineConfig};
+use crate::frontend::media::{MediaFetcher, MediaPolicy};
+use crate::frontend::prompt::eos_token_ids;
+use crate::frontend::{ImageProcessorConfig, PromptBuilder};
+use crate::model::{parse_device, parse_dtype, resolve_checkpoint, LlavaConfig, LlavaModel};
+
+/// Everything `serve` needs, as the CLI resolved it.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub model: String,
+    pub dtype: String,
+    pub device: String,
+    pub host: String,
+    pub port: u16,
+    pub api: ApiConfig,
+    pub media: MediaPolicy,
+    pub engine: EngineConfig,
+    pub shutdown_timeout: Duration,
+}
+
+/// Loads checkpoint, tokenizer, template and image processor, and starts the engine.
+pub fn load_served_model(
+    spec: &str,
+    dtype: &str,
+    device: &str,
+    mut engine_config: EngineConfig,
+) -> anyhow::Result<ServedModel> {
+    let device = parse_device(device)?;
+    let dtype = parse_dtype(dtype)?;
+    let checkpoint = resolve_checkpoint(spec)?;
+    let config = LlavaConfig::from_file(&checkpoint.file("config.json"))?;
+    let builder = PromptBuilder::from_checkpoint(&checkpoint.root, &config)?;
+    let processor = ImageProcessorConfig::from_file(&checkpoint.file("preprocessor_config.json"))?;
+    let max_model_len = config.text.max_position_embeddings;
+    let vocab_size = config.text.vocab_size;
+    let model = LlavaModel::load(&checkpoint, config, dtype, &device)?;
+    engine_config.eos_token_ids = eos_token_ids(&checkpoint.root);
+    let engine = engine::start(model, engine_config)?;
+    Ok(ServedModel {
+        engine,
+        builder: Arc::new(builder),
+        processor: Arc::new(processor),
+        max_model_len,
+        vocab_size,
+    })
+}
+
+/// A server running in this process (tests and `serve` both use it).
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub state: SharedState,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Binds, starts loading the model and serves until `shutdown` resolves.
+pub async fn spawn(
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<RunningServer> {
+    let media = MediaFetcher::new(opts.media.clone()).context("media fetcher")?;
+    let state: SharedState = Arc::new(AppState::new(opts.api.clone(), media));
+    let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening; loading the model");
+    let loader = {
+        let state = state.clone();
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let served = load_served_model(&opts.model, &opts.dtype, &opts.device, opts.engine)?;
+            let _ = state.model.set(served);
+            tracing::info!(model = %opts.api.served_model_name, "model loaded; ready");
+            Ok(())
+        })
+    };
+    let app = super::router(state.clone());
+    let drain_state = state.clone();
+    let timeout = opts.shutdown_timeout;
+    let task = tokio::spawn(async move {
+        let graceful = async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            if let Some(model) = drain_state.model.get() {
+                model.engine.shutdown();
+            }
+            // In-flight requests get `timeout`; after that the process leaves regardless.
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                tracing::warn!("shutdown timeout reached; exiting");
+                std::process::exit(0);
+            });
+        };
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(graceful)
+            .into_future();
+        tokio::pin!(server);
+        // A model that fails to load ends the server with that error.
+        tokio::select! {
+            served = &mut server => return served.context("server failed"),
+            loaded = loader => loaded.context("model loader panicked")??,
+        }
+        server.await.context("server failed")
+    });
+    Ok(RunningServer { addr, state, task })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,229 @@
+//! Wire request → validated values: each rule names the field it checks, as OpenAI's errors do.
+
+use super::error::ApiError;
+use super::wire::{
+    ChatMessage as WireMessage, ContentPart, LogprobsField, MessageContent, SamplingFields,
+    StopField,
+};
+use crate::frontend::{ChatMessage, MessagePart, Role};
+use crate::types::SamplingParams;
+
+/// Most choices one request may ask for.
+pub const MAX_N: u32 = 16;
+/// Most alternatives per token in logprobs (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+fn check_range(name: &'static str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => Err(ApiError::invalid(
+            format!("`{name}` must be between {lo} and {hi}, got {x}"),
+            name,
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Sampling fields → engine parameters. `max_tokens` is `None` when the client left it to the server.
+pub fn sampling_params(
+    f: &SamplingFields,
+    chat: bool,
+    vocab_size: usize,
+) -> Result<(SamplingParams, Option<usize>), ApiError> {
+    check_range("temperature", f.temperature, 0.0, 2.0)?;
+    check_range("top_p", f.top_p, 0.0, 1.0)?;
+    if f.top_p == Some(0.0) {
+        return Err(ApiError::invalid("`top_p` must be greater than 0", "top_p"));
+    }
+    check_range("min_p", f.min_p, 0.0, 1.0)?;
+    check_range("presence_penalty", f.presence_penalty, -2.0, 2.0)?;
+    check_range("frequency_penalty", f.frequency_penalty, -2.0, 2.0)?;
+    check_range("repetition_penalty", f.repetition_penalty, 0.01, 2.0)?;
+    let n = f.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid(
+            format!("`n` must be between 1 and {MAX_N}"),
+            "n",
+        ));
+    }
+    let top_k = match f.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(ApiError::invalid(
+                format!("`top_k` must be -1, 0 or positive, got {k}"),
+                "top_k",
+            ))
+        }
+    };
+    let max_tokens = match (f.max_completion_tokens, f.max_tokens) {
+        (Some(0), _) => {
+            return Err(ApiError::invalid(
+                "`max_completion_tokens` must be at least 1",
+                "max_completion_tokens",
+            ))
+        }
+        (None, Some(0)) => {
+            return Err(ApiError::invalid(
+                "`max_tokens` must be at least 1",
+                "max_tokens",
+            ))
+        }
+        (Some(m), _) | (None, Some(m)) => Some(m as usize),
+        (None, None) => None,
+    };
+    let stop = match &f.stop {
+        None => Vec::new(),
+        Some(StopField::One(s)) => vec![s.clone()],
+        Some(StopField::Many(v)) if v.len() > 4 => {
+            return Err(ApiError::invalid(
+                "`stop` takes at most 4 sequences",
+                "stop",
+            ))
+        }
+        Some(StopField::Many(v)) => v.clone(),
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "`stop` sequences must not be empty",
+            "stop",
+        ));
+    }
+    let mut logit_bias = Vec::new();
+    for (token, &bias) in f.logit_bias.iter().flatten() {
+        let id: u32 = token
+            .parse()
+            .ok()
+            .filter(|&id| (id as usize) < vocab_size)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!("`logit_bias` key {token:?} is not a token id"),
+                    "logit_bias",
+                )
+            })?;
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err(ApiError::invalid(
+                "`logit_bias` values must be between -100 and 100",
+                "logit_bias",
+            ));
+        }
+        logit_bias.push((id, bias));
+    }
+    let logprobs = logprobs(f, chat)?;
+    if f.stream_options.is_some() && !f.stream {
+        return Err(ApiError::invalid(
+            "`stream_options` is only allowed with `stream: true`",
+            "stream_options",
+        ));
+    }
+    let params = SamplingParams {
+        n: n as usize,
+        max_tokens: max_tokens.unwrap_or(1),
+        temperature: f.temperature.unwrap_or(1.0),
+        top_k,
+        top_p: f.top_p.unwrap_or(1.0),
+        min_p: f.min_p.unwrap_or(0.0),
+        // JSON integers may be negative; the bits are what matter for a seed.
+        seed: f.seed.map(|s| s as u64),
+        repetition_penalty: f.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: f.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        logit_bias,
+        logprobs,
+        stop,
+        stop_token_ids: Vec::new(),
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+        skip_special_tokens: true,
+    };
+    Ok((params, max_tokens))
+}
+
+fn logprobs(f: &SamplingFields, chat: bool) -> Result<Option<usize>, ApiError> {
+    if let Some(top) = f.top_logprobs {
+        if top > MAX_TOP_LOGPROBS {
+            return Err(ApiError::invalid(
+                format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}"),
+                "top_logprobs",
+            ));
+        }
+    }
+    match (&f.logprobs, chat) {
+        (None, _) | (Some(LogprobsField::Flag(false)), _) => {
+            if f.top_logprobs.is_some_and(|t| t > 0) {
+                return Err(ApiError::invalid(
+                    "`top_logprobs` needs `logprobs: true`",
+                    "top_logprobs",
+                ));
+            }
+            Ok(None)
+        }
+        (Some(LogprobsField::Flag(true)), true) => Ok(Some(f.top_logprobs.unwrap_or(0) as usize)),
+        (Some(LogprobsField::Count(k)), false) if *k <= MAX_TOP_LOGPROBS => Ok(Some(*k as usize)),
+        (Some(LogprobsField::Count(_)), false) => Err(ApiError::invalid(
+            format!("`logprobs` must be at most {MAX_TOP_LOGPROBS}"),
+            "logprobs",
+        )),
+        (Some(_), true) => Err(ApiError::invalid(
+            "`logprobs` must be a boolean",
+            "logprobs",
+        )),
+        (Some(LogprobsField::Flag(true)), false) => Ok(Some(0)),
+    }
+}
+
+/// Chat messages → the frontend's messages and the image URLs in order of appearance.
+pub fn chat_messages(
+    messages: &[WireMessage],
+) -> Result<(Vec<ChatMessage>, Vec<String>), ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "`messages` must not be empty",
+            "messages",
+        ));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    let mut urls = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err(ApiError::InvalidRequest {
+                    message: format!(
+                        "messages[{i}].role {other:?} is not supported (system, user, assistant)"
+                    ),
+                    param: Some(format!("messages[{i}].role")),
+                })
+            }
+        };
+        let parts = match &m.content {
+            None if role == Role::Assistant => Vec::new(),
+            None => {
+                return Err(ApiError::InvalidRequest {
+                    message: format!("messages[{i}].content is required"),
+                    param: Some(format!("messages[{i}].content")),
+                })
+            }
+            // A plain string is one text part (HF's template would silently drop it).
+            Some(MessageContent::Text(t)) => vec![MessagePart::Text(t.clone())],
+            Some(MessageContent::Parts(parts)) => parts
+                .iter()
+                .map(|p| match p {
+                    ContentPart::Text { text } => MessagePart::Text(text.clone()),
+                    ContentPart::ImageUrl { image_url } => {
+                        urls.push(image_url.url.clone());
+                        MessagePart::Image
+                    }
+                })
+                .collect(),
+        };
+        if role != Role::User && parts.contains(&MessagePart::Image) {
+            return Err(ApiError::InvalidRequest {
+                message: format!("messages[{i}]: images are only allowed in user messages"),
+                param: Some(format!("messages[{i}].content")),
+            });
+        }
+        out.push(ChatMessage { role, parts });
+    }
+    Ok((out, urls))
+}

@@ -1,0 +1,7 @@
+//! OpenAI's JSON shapes (requests, responses, chunks, errors), with utoipa schemas. Only `api` sees them.
+
+pub mod request;
+pub mod response;
+
+pub use request::*;
+pub use response::*;

@@ -1,0 +1,113 @@
+//! OpenAI request bodies as clients send them. Unknown fields are ignored; every field is optional
+//! where OpenAI's is, and checked in `api::validate`.
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use utoipa::ToSchema;
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    pub model: String,
+    /// A text prompt (one string; lists of prompts are not supported).
+    pub prompt: PromptInput,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Many(Vec<String>),
+}
+
+/// Generation fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct SamplingFields {
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopField>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// vLLM extension: 0 or -1 disables.
+    pub top_k: Option<i32>,
+    /// vLLM extension.
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// vLLM extension (CTRL-style, 1 disables).
+    pub repetition_penalty: Option<f32>,
+    /// Token id (as a string) → bias in [-100, 100].
+    pub logit_bias: Option<HashMap<String, f32>>,
+    /// Chat: a boolean. Completions: the number of top alternatives (legacy API).
+    pub logprobs: Option<LogprobsField>,
+    pub top_logprobs: Option<u32>,
+    /// vLLM extension: keep generating past EOS.
+    pub ignore_eos: Option<bool>,
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum LogprobsField {
+    Flag(bool),
+    Count(u32),
+}
+
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ChatMessage {
+    /// `system`, `developer` (treated as system), `user` or `assistant`.
+    pub role: String,
+    pub content: Option<MessageContent>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ImageUrl {
+    /// `data:image/...;base64,...` or an http(s) URL.
+    pub url: String,
+    /// `auto`, `low` or `high`: accepted, no effect (LLaVA-1.5 sees every image at one resolution).
+    pub detail: Option<String>,
+}

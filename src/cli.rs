@@ -1,0 +1,246 @@
+//! Command-line arguments (clap), each with an `LLAVA_SERVER_*` environment twin, and their
+//! translation into the library's option structs.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use llava_server::api::server::ServeOptions;
+use llava_server::api::state::ApiConfig;
+use llava_server::engine::EngineConfig;
+use llava_server::frontend::media::MediaPolicy;
+
+/// The tiny random-weight checkpoint shipped with the repository, used by `generate` when no model is named.
+pub const BUNDLED_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny");
+
+#[derive(Parser)]
+#[command(
+    name = "llava-server",
+    version,
+    about = "OpenAI-compatible inference server for LLaVA models"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+    /// Answer one prompt (with optional images) and print only the generated text.
+    Generate(GenerateArgs),
+    /// Offline batch inference over an OpenAI Batch API file.
+    RunBatch(RunBatchArgs),
+    /// Print the OpenAPI document.
+    PrintOpenapi,
+}
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Checkpoint: a llava-hf hub id (e.g. llava-hf/llava-1.5-7b-hf) or a local folder in that layout.
+    #[arg(long, env = "LLAVA_SERVER_MODEL")]
+    pub model: Option<String>,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, env = "LLAVA_SERVER_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// cpu or cuda:N.
+    #[arg(long, env = "LLAVA_SERVER_DEVICE", default_value = "cpu")]
+    pub device: String,
+    #[arg(long, env = "LLAVA_SERVER_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, env = "LLAVA_SERVER_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Model name clients send (default: the --model value).
+    #[arg(long, env = "LLAVA_SERVER_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Required bearer key (repeat for several; comma-separated in the environment).
+    #[arg(long = "api-key", env = "LLAVA_SERVER_API_KEY", value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+    #[arg(long, env = "LLAVA_SERVER_MAX_BODY_BYTES", default_value_t = 32 << 20)]
+    pub max_body_bytes: usize,
+    #[arg(long, env = "LLAVA_SERVER_MAX_IMAGES_PER_REQUEST", default_value_t = 8)]
+    pub max_images_per_request: usize,
+    /// Requests allowed to wait beyond the running ones before 429.
+    #[arg(long, env = "LLAVA_SERVER_MAX_QUEUED_REQUESTS", default_value_t = 1024)]
+    pub max_queued_requests: usize,
+    /// Allow file:// image URLs under this folder.
+    #[arg(long, env = "LLAVA_SERVER_ALLOWED_LOCAL_MEDIA_PATH")]
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Allow image URLs that resolve to loopback, private or link-local addresses.
+    #[arg(long, env = "LLAVA_SERVER_ALLOW_PRIVATE_MEDIA_HOSTS")]
+    pub allow_private_media_hosts: bool,
+    #[arg(long, env = "LLAVA_SERVER_MAX_IMAGE_BYTES", default_value_t = 20 << 20)]
+    pub max_image_bytes: usize,
+    #[arg(long, env = "LLAVA_SERVER_MAX_IMAGE_PIXELS", default_value_t = 8192 * 8192)]
+    pub max_image_pixels: u64,
+    /// Seconds to wait for an image server to accept the connection.
+    #[arg(
+        long,
+        env = "LLAVA_SERVER_MEDIA_CONNECT_TIMEOUT",
+        default_value_t = 5.0
+    )]
+    pub media_connect_timeout: f64,
+    /// Seconds for a whole image download, redirects included.
+    #[arg(long, env = "LLAVA_SERVER_MEDIA_TIMEOUT", default_value_t = 20.0)]
+    pub media_timeout: f64,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "LLAVA_SERVER_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Args, Clone)]
+pub struct EngineArgs {
+    /// Token budget of one engine step (prefill chunks and decodes together).
+    #[arg(
+        long,
+        env = "LLAVA_SERVER_MAX_NUM_BATCHED_TOKENS",
+        default_value_t = 2048
+    )]
+    pub max_num_batched_tokens: usize,
+    /// Most sequences running at once.
+    #[arg(long, env = "LLAVA_SERVER_MAX_NUM_SEQS", default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Tokens per KV-cache block.
+    #[arg(long, env = "LLAVA_SERVER_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// KV-cache size in blocks (overrides --kv-cache-memory).
+    #[arg(long, env = "LLAVA_SERVER_NUM_KV_BLOCKS")]
+    pub num_kv_blocks: Option<usize>,
+    /// KV-cache size in bytes; suffixes KiB, MiB, GiB accepted.
+    #[arg(long, env = "LLAVA_SERVER_KV_CACHE_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
+    pub kv_cache_memory: usize,
+    /// Image embeddings kept by content hash.
+    #[arg(long, env = "LLAVA_SERVER_IMAGE_CACHE_SIZE", default_value_t = 64)]
+    pub image_cache_size: usize,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Checkpoint: a local llava-hf folder or a hub id (default: the repository's tiny test fixture).
+    #[arg(long, env = "LLAVA_SERVER_MODEL", default_value = BUNDLED_FIXTURE)]
+    pub model: String,
+    /// The user's text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Image files, placed before the text as the chat template does.
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    #[arg(long, env = "LLAVA_SERVER_MAX_TOKENS", default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0 means greedy decoding.
+    #[arg(long, env = "LLAVA_SERVER_TEMPERATURE", default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, env = "LLAVA_SERVER_SEED")]
+    pub seed: Option<u64>,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, env = "LLAVA_SERVER_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// cpu or cuda:N.
+    #[arg(long, env = "LLAVA_SERVER_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Tokens per KV-cache block.
+    #[arg(long, env = "LLAVA_SERVER_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+}
+
+#[derive(Args)]
+pub struct RunBatchArgs {
+    /// Input: one `{"custom_id","method","url","body"}` per line.
+    #[arg(short = 'i', long = "input")]
+    pub input: PathBuf,
+    /// Output: one result line per input line, in order.
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// `4GiB`, `512MiB`, `64KiB` or a plain byte count.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: usize = digits.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("{name} must be a non-negative number of seconds"))
+}
+
+impl ServeArgs {
+    pub fn into_options(self) -> anyhow::Result<ServeOptions> {
+        let Some(model) = self.model else {
+            anyhow::bail!(
+                "no model given. Pass --model (or LLAVA_SERVER_MODEL) with a llava-hf hub id such as \
+                 llava-hf/llava-1.5-7b-hf (downloaded on first use), or a local folder in that layout; \
+                 the repository's tiny random-weight fixture works for trying it out: --model tests/fixtures/tiny"
+            );
+        };
+        let e = self.engine;
+        Ok(ServeOptions {
+            api: ApiConfig {
+                served_model_name: self.served_model_name.unwrap_or_else(|| model.clone()),
+                api_keys: self
+                    .api_keys
+                    .into_iter()
+                    .filter(|k| !k.is_empty())
+                    .collect(),
+                max_body_bytes: self.max_body_bytes,
+                max_images_per_request: self.max_images_per_request,
+                max_queued_requests: self.max_queued_requests,
+                max_running_requests: e.max_num_seqs,
+            },
+            media: MediaPolicy {
+                allow_private_hosts: self.allow_private_media_hosts,
+                allowed_local_media_path: self.allowed_local_media_path,
+                max_bytes: self.max_image_bytes,
+                max_pixels: self.max_image_pixels,
+                connect_timeout: seconds("--media-connect-timeout", self.media_connect_timeout)?,
+                total_timeout: seconds("--media-timeout", self.media_timeout)?,
+                ..MediaPolicy::default()
+            },
+            engine: EngineConfig {
+                max_num_batched_tokens: e.max_num_batched_tokens,
+                max_num_seqs: e.max_num_seqs,
+                max_num_encoder_tokens: e.max_num_batched_tokens,
+                block_size: e.block_size,
+                num_kv_blocks: e.num_kv_blocks,
+                kv_cache_memory: e.kv_cache_memory,
+                image_cache_size: e.image_cache_size,
+                eos_token_ids: Vec::new(),
+            },
+            shutdown_timeout: seconds("--shutdown-timeout", self.shutdown_timeout)?,
+            model,
+            dtype: self.dtype,
+            device: self.device,
+            host: self.host,
+            port: self.port,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(super::parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(super::parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(super::parse_bytes("1000"), Ok(1000));
+        assert!(super::parse_bytes("3 parsecs").is_err());
+    }
+}

@@ -1,0 +1,133 @@
+"""The official `openai` Python client against a real llava-server (started here on the tiny fixture).
+
+Usage: python tests/openai_client.py path/to/llava-server
+Checks non-streaming, streaming with include_usage, an image by data URI, an image by URL from a local
+HTTP server (allowed with --allow-private-media-hosts), and that errors surface as the client's
+exception types. Expected texts come from HF's references in tests/fixtures/refs/tiny.json.
+"""
+
+import base64
+import functools
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.request
+
+import openai
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+MODEL = "tiny-llava"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reference(name):
+    with open(os.path.join(FIXTURES, "refs", "tiny.json")) as f:
+        return next(c for c in json.load(f)["cases"] if c["name"] == name)
+
+
+def image_message(url):
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "What is in the picture?"},
+    ]}]
+
+
+def main(binary):
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "serve", "--model", os.path.join(FIXTURES, "tiny"), "--served-model-name", MODEL,
+         "--port", str(port), "--allow-private-media-hosts", "--num-kv-blocks", "400"],
+        env={**os.environ, "RUST_LOG": "warn"},
+    )
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=os.path.join(FIXTURES, "images"))
+    handler.log_message = lambda *a: None
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    image_base = f"http://127.0.0.1:{images.server_address[1]}"
+    passed, failed = 0, 0
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                    break
+            except Exception:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("server did not become healthy")
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        want = reference("chat_template")["greedy"]["text"]
+        with open(os.path.join(FIXTURES, "images", "scene_640x480.png"), "rb") as f:
+            data_uri = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+        def check_non_streaming():
+            r = client.chat.completions.create(model=MODEL, messages=image_message(data_uri),
+                                               temperature=0, max_tokens=16)
+            assert r.choices[0].message.content == want, r
+            assert r.choices[0].finish_reason == "length"
+            assert r.usage.completion_tokens == 16 and r.usage.prompt_tokens == 594, r.usage
+
+        def check_streaming():
+            stream = client.chat.completions.create(model=MODEL, messages=image_message(data_uri), temperature=0,
+                                                    max_tokens=16, stream=True,
+                                                    stream_options={"include_usage": True})
+            text, usage, finishes = "", None, []
+            for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for c in chunk.choices:
+                    text += c.delta.content or ""
+                    if c.finish_reason:
+                        finishes.append(c.finish_reason)
+            assert text == want, text
+            assert finishes == ["length"], finishes
+            assert usage is not None and usage.completion_tokens == 16, usage
+
+        def check_image_url():
+            r = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=16,
+                                               messages=image_message(f"{image_base}/scene_640x480.png"))
+            assert r.choices[0].message.content == want, r
+
+        def check_errors():
+            try:
+                client.chat.completions.create(model="no-such-model", messages=image_message(data_uri))
+                raise AssertionError("unknown model accepted")
+            except openai.NotFoundError as e:
+                assert e.status_code == 404
+            try:
+                client.chat.completions.create(model=MODEL, messages=image_message(data_uri), temperature=5)
+                raise AssertionError("temperature 5 accepted")
+            except openai.BadRequestError as e:
+                assert e.status_code == 400 and "temperature" in str(e), e
+
+        for check in (check_non_streaming, check_streaming, check_image_url, check_errors):
+            try:
+                check()
+                passed += 1
+                print(f"ok {check.__name__}")
+            except Exception:
+                failed += 1
+                print(f"FAILED {check.__name__}")
+                traceback.print_exc()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        images.shutdown()
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
