@@ -9,6 +9,7 @@ use llava_server::api::server::ServeOptions;
 use llava_server::api::state::ApiConfig;
 use llava_server::engine::EngineConfig;
 use llava_server::frontend::media::MediaPolicy;
+use llava_server::model::LoadFormat;
 
 /// The tiny random-weight checkpoint shipped with the repository, used by `generate` when no model is named.
 pub const BUNDLED_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny");
@@ -38,9 +39,13 @@ pub enum Command {
 
 #[derive(Args, Clone)]
 pub struct ServeArgs {
-    /// Checkpoint: a llava-hf hub id (e.g. llava-hf/llava-1.5-7b-hf) or a local folder in that layout.
+    /// Checkpoint: a llava-hf hub id (e.g. llava-hf/llava-1.5-7b-hf) or a local folder in that layout;
+    /// with `--load-format dummy` also a built-in shape (llava-1.5-7b, llava-1.5-13b).
     #[arg(long, env = "LLAVA_SERVER_MODEL")]
     pub model: Option<String>,
+    /// `auto` (the checkpoint's weights) or `dummy` (random weights of its shapes, for speed tests).
+    #[arg(long, env = "LLAVA_SERVER_LOAD_FORMAT", default_value = "auto")]
+    pub load_format: LoadFormat,
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, env = "LLAVA_SERVER_DTYPE", default_value = "f32")]
     pub dtype: String,
@@ -122,11 +127,14 @@ pub struct GenerateArgs {
     /// Checkpoint: a local llava-hf folder or a hub id (default: the repository's tiny test fixture).
     #[arg(long, env = "LLAVA_SERVER_MODEL", default_value = BUNDLED_FIXTURE)]
     pub model: String,
+    /// `auto` or `dummy` (random weights; with dummy, --model may name a built-in shape).
+    #[arg(long, env = "LLAVA_SERVER_LOAD_FORMAT", default_value = "auto")]
+    pub load_format: LoadFormat,
     /// The user's text.
-    #[arg(long)]
+    #[arg(long, env = "LLAVA_SERVER_PROMPT")]
     pub prompt: String,
-    /// Image files, placed before the text as the chat template does.
-    #[arg(long = "image")]
+    /// Image files, placed before the text as the chat template does (comma-separated in the environment).
+    #[arg(long = "image", env = "LLAVA_SERVER_IMAGES", value_delimiter = ',')]
     pub images: Vec<PathBuf>,
     #[arg(long, env = "LLAVA_SERVER_MAX_TOKENS", default_value_t = 64)]
     pub max_tokens: usize,
@@ -149,10 +157,10 @@ pub struct GenerateArgs {
 #[derive(Args)]
 pub struct RunBatchArgs {
     /// Input: one `{"custom_id","method","url","body"}` per line.
-    #[arg(short = 'i', long = "input")]
+    #[arg(short = 'i', long = "input", env = "LLAVA_SERVER_BATCH_INPUT")]
     pub input: PathBuf,
     /// Output: one result line per input line, in order.
-    #[arg(short = 'o', long = "output")]
+    #[arg(short = 'o', long = "output", env = "LLAVA_SERVER_BATCH_OUTPUT")]
     pub output: PathBuf,
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -226,6 +234,7 @@ impl ServeArgs {
             },
             shutdown_timeout: seconds("--shutdown-timeout", self.shutdown_timeout)?,
             model,
+            load_format: self.load_format,
             dtype: self.dtype,
             device: self.device,
             host: self.host,

@@ -14,7 +14,7 @@ use llava_server::frontend::{
     prompt::eos_token_ids, ChatMessage, ChoiceText, ImageProcessorConfig, MessagePart,
     PromptBuilder, Role,
 };
-use llava_server::model::{parse_device, parse_dtype, resolve_checkpoint, LlavaConfig, LlavaModel};
+use llava_server::model::{load_model, parse_device, parse_dtype};
 use llava_server::types::SamplingParams;
 
 fn main() {
@@ -59,8 +59,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn run_batch(args: RunBatchArgs) -> anyhow::Result<()> {
     let opts = args.serve.into_options()?;
     let served = tokio::task::spawn_blocking(move || {
-        api::server::load_served_model(&opts.model, &opts.dtype, &opts.device, opts.engine)
-            .map(|m| (m, opts.api, opts.media))
+        api::server::load_served_model(
+            &opts.model,
+            opts.load_format,
+            &opts.dtype,
+            &opts.device,
+            opts.engine,
+        )
+        .map(|m| (m, opts.api, opts.media))
     })
     .await
     .context("model loader panicked")??;
@@ -74,9 +80,10 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
-    let checkpoint = resolve_checkpoint(&args.model)?;
-    let config = LlavaConfig::from_file(&checkpoint.file("config.json"))?;
-    let builder = PromptBuilder::from_checkpoint(&checkpoint.root, &config)?;
+    let started = std::time::Instant::now();
+    let (model, checkpoint) = load_model(&args.model, args.load_format, dtype, &device)?;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+    let builder = PromptBuilder::from_checkpoint(&checkpoint.root, &model.config)?;
     let processor = ImageProcessorConfig::from_file(&checkpoint.file("preprocessor_config.json"))?;
 
     let mut images = Vec::with_capacity(args.images.len());
@@ -96,9 +103,6 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     }];
     let prompt = builder.build(&messages, images, args.max_tokens)?;
 
-    let started = std::time::Instant::now();
-    let model = LlavaModel::load(&checkpoint, config, dtype, &device)?;
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
     let params = SamplingParams {
         max_tokens: args.max_tokens,
         temperature: args.temperature,

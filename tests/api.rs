@@ -441,3 +441,39 @@ fn checked_in_openapi_document_is_current() {
         .get("ChatCompletionChunk")
         .is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_disconnect_without_streaming_aborts_the_request() {
+    use tokio::io::AsyncWriteExt;
+    let t = start(options()).await;
+    let body = json!({"model": MODEL, "max_tokens": 3000, "ignore_eos": true,
+                      "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let mut socket = tokio::net::TcpStream::connect(t.server.addr).await.unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let engine = &t.server.state.model.get().unwrap().engine;
+    for _ in 0..500 {
+        if engine.metrics().generated_tokens > 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(engine.metrics().kv_blocks_used > 0);
+    drop(socket);
+    for _ in 0..500 {
+        let m = engine.metrics();
+        if m.kv_blocks_used == 0 && m.running == 0 {
+            assert!(
+                m.generated_tokens < 3000,
+                "the request ran to its end: {m:?}"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the request was not aborted: {:?}", engine.metrics());
+}

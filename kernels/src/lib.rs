@@ -1,3 +1,19 @@
-//! Fused CUDA kernels for llava-server, each wrapped as a candle custom op whose CPU side is the
-//! engine's reference path. The kernels arrive with the GPU issue; without the `cuda` feature this
-//! crate compiles to nothing so that CPU builds never need nvcc.
+//! Fused kernels of llava-server, each a candle custom op: the CPU side is a plain reference loop (the
+//! definition the CUDA side is checked against), the CUDA side (feature `cuda`) launches our kernels
+//! from `src/cuda/*.cu`.
+//!
+//! - `add_rms_norm`: residual add + RMSNorm in one pass, returning both the normed rows and the sum;
+//! - `silu_mul`: SiLU(gate) · up;
+//! - `rotary`: HF rotate-half rotary embedding at explicit positions (cos|sin table in f32);
+//! - `write_kv`: new K/V rows into their cache slots, in place;
+//! - `prefill_attention`: causal attention of a flattened batch over the paged cache;
+//! - `decode_attention`: one query per sequence over the paged cache, long contexts split in partitions.
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod ops;
+
+pub use ops::{
+    add_rms_norm, decode_attention, prefill_attention, rotary, silu_mul, write_kv, PagedLayout,
+};

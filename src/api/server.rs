@@ -14,12 +14,13 @@ use crate::engine::{self, EngineConfig};
 use crate::frontend::media::{MediaFetcher, MediaPolicy};
 use crate::frontend::prompt::eos_token_ids;
 use crate::frontend::{ImageProcessorConfig, PromptBuilder};
-use crate::model::{parse_device, parse_dtype, resolve_checkpoint, LlavaConfig, LlavaModel};
+use crate::model::{load_model, parse_device, parse_dtype, LoadFormat};
 
 /// Everything `serve` needs, as the CLI resolved it.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub model: String,
+    pub load_format: LoadFormat,
     pub dtype: String,
     pub device: String,
     pub host: String,
@@ -30,23 +31,22 @@ pub struct ServeOptions {
     pub shutdown_timeout: Duration,
 }
 
-/// Loads checkpoint, tokenizer, template and image processor, and starts the engine.
+/// Loads the model (real or dummy weights), tokenizer, template and image processor, and starts the engine.
 pub fn load_served_model(
     spec: &str,
+    format: LoadFormat,
     dtype: &str,
     device: &str,
     mut engine_config: EngineConfig,
 ) -> anyhow::Result<ServedModel> {
     let device = parse_device(device)?;
     let dtype = parse_dtype(dtype)?;
-    let checkpoint = resolve_checkpoint(spec)?;
-    let config = LlavaConfig::from_file(&checkpoint.file("config.json"))?;
-    let builder = PromptBuilder::from_checkpoint(&checkpoint.root, &config)?;
-    let processor = ImageProcessorConfig::from_file(&checkpoint.file("preprocessor_config.json"))?;
-    let max_model_len = config.text.max_position_embeddings;
-    let vocab_size = config.text.vocab_size;
-    let model = LlavaModel::load(&checkpoint, config, dtype, &device)?;
-    engine_config.eos_token_ids = eos_token_ids(&checkpoint.root);
+    let (model, assets) = load_model(spec, format, dtype, &device)?;
+    let builder = PromptBuilder::from_checkpoint(&assets.root, &model.config)?;
+    let processor = ImageProcessorConfig::from_file(&assets.file("preprocessor_config.json"))?;
+    let max_model_len = model.config.text.max_position_embeddings;
+    let vocab_size = model.config.text.vocab_size;
+    engine_config.eos_token_ids = eos_token_ids(&assets.root);
     let engine = engine::start(model, engine_config)?;
     Ok(ServedModel {
         engine,
@@ -80,7 +80,13 @@ pub async fn spawn(
         let state = state.clone();
         let opts = opts.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let served = load_served_model(&opts.model, &opts.dtype, &opts.device, opts.engine)?;
+            let served = load_served_model(
+                &opts.model,
+                opts.load_format,
+                &opts.dtype,
+                &opts.device,
+                opts.engine,
+            )?;
             let _ = state.model.set(served);
             tracing::info!(model = %opts.api.served_model_name, "model loaded; ready");
             Ok(())

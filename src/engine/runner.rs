@@ -180,7 +180,12 @@ impl ModelRunner {
             }
         }
         let block_size = self.kv_cache.shape.block_size;
-        let meta = AttentionMetadata::build(&steps, block_size, &device)?;
+        let meta = AttentionMetadata::build_for(
+            &steps,
+            block_size,
+            &device,
+            self.model.uses_attention_kernels(),
+        )?;
         let token_ids = Tensor::new(token_ids, &device)?;
         let image_rows = if feature_parts.is_empty() {
             None

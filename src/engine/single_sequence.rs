@@ -17,6 +17,8 @@ pub struct SequenceState<'m> {
     block_size: usize,
     num_cached: usize,
     capacity: usize,
+    /// Run the fused-kernel path (the default on a GPU that has it; forced in tests of its CPU side).
+    pub kernel_path: bool,
 }
 
 impl<'m> SequenceState<'m> {
@@ -35,6 +37,7 @@ impl<'m> SequenceState<'m> {
             block_size,
             num_cached: 0,
             capacity,
+            kernel_path: model.uses_attention_kernels(),
         })
     }
 
@@ -52,7 +55,7 @@ impl<'m> SequenceState<'m> {
             )));
         }
         let device = self.model.device();
-        let meta = AttentionMetadata::build(
+        let meta = AttentionMetadata::build_for(
             &[SequenceStep {
                 num_cached: self.num_cached,
                 num_new: tokens.len(),
@@ -60,6 +63,7 @@ impl<'m> SequenceState<'m> {
             }],
             self.block_size,
             device,
+            self.kernel_path,
         )?;
         let token_ids = Tensor::new(tokens, device)?;
         let logits_rows = Tensor::new(&[tokens.len() as u32 - 1], device)?;

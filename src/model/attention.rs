@@ -32,6 +32,23 @@ pub struct AttentionMetadata {
     pub slot_mapping: Tensor,
     pub sequences: Vec<SequenceAttention>,
     pub num_tokens: usize,
+    /// What the GPU kernels read instead of the per-sequence tensors (set off the CPU).
+    pub kernel: Option<KernelMetadata>,
+}
+
+/// Step metadata for the paged-attention kernels, views into one buffer copied in one transfer.
+#[derive(Debug, Clone)]
+pub struct KernelMetadata {
+    /// Sequence index of every flattened token, `[num_tokens]` u32.
+    pub token_seq: Tensor,
+    /// `[seqs]` u32.
+    pub context_lens: Tensor,
+    /// `[seqs, max_blocks]` u32, padded with 0.
+    pub block_tables: Tensor,
+    pub max_context: usize,
+    pub block_size: usize,
+    /// Every sequence computes exactly one token (a pure decode step).
+    pub all_decode: bool,
 }
 
 /// What the runner knows of one sequence in a step, before it becomes tensors.
@@ -46,16 +63,28 @@ pub struct SequenceStep<'a> {
 }
 
 impl AttentionMetadata {
-    /// Builds the metadata for sequences laid out one after another in the flattened batch.
+    /// Builds the metadata for sequences laid out one after another in the flattened batch, for the
+    /// reference attention path: each sequence gets its context slots and causal mask.
     pub fn build(
         steps: &[SequenceStep<'_>],
         block_size: usize,
         device: &Device,
     ) -> candle_core::Result<Self> {
+        Self::build_for(steps, block_size, device, false)
+    }
+
+    /// With `kernels`, everything the GPU kernels need goes to the device in one copy instead.
+    pub fn build_for(
+        steps: &[SequenceStep<'_>],
+        block_size: usize,
+        device: &Device,
+        kernels: bool,
+    ) -> candle_core::Result<Self> {
         let mut positions = Vec::new();
         let mut slot_mapping = Vec::new();
-        let mut sequences = Vec::with_capacity(steps.len());
-        for step in steps {
+        let mut token_seq = Vec::new();
+        let mut spans = Vec::with_capacity(steps.len());
+        for (index, step) in steps.iter().enumerate() {
             let context_len = step.num_cached + step.num_new;
             if step.block_table.len() * block_size < context_len {
                 candle_core::bail!(
@@ -63,36 +92,82 @@ impl AttentionMetadata {
                     step.block_table.len()
                 );
             }
-            let slot_of = |pos: usize| {
-                step.block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32
-            };
-            let query_start = positions.len();
+            spans.push((positions.len(), context_len));
             for pos in step.num_cached..context_len {
                 positions.push(pos as u32);
-                slot_mapping.push(slot_of(pos));
+                slot_mapping.push(slot_of(step.block_table, block_size, pos));
+                token_seq.push(index as u32);
             }
-            let context_slots: Vec<u32> = (0..context_len).map(slot_of).collect();
-            let causal_mask = if step.num_new > 1 {
-                Some(causal_mask(step.num_cached, step.num_new, device)?)
-            } else {
-                None
-            };
-            sequences.push(SequenceAttention {
-                query_start,
-                query_len: step.num_new,
-                context_len,
-                context_slots: Tensor::new(context_slots, device)?,
-                causal_mask,
-            });
         }
         let num_tokens = positions.len();
+        if !kernels {
+            let mut sequences = Vec::with_capacity(steps.len());
+            for (step, &(query_start, context_len)) in steps.iter().zip(&spans) {
+                let context_slots: Vec<u32> = (0..context_len)
+                    .map(|p| slot_of(step.block_table, block_size, p))
+                    .collect();
+                let causal_mask = if step.num_new > 1 {
+                    Some(causal_mask(step.num_cached, step.num_new, device)?)
+                } else {
+                    None
+                };
+                sequences.push(SequenceAttention {
+                    query_start,
+                    query_len: step.num_new,
+                    context_len,
+                    context_slots: Tensor::new(context_slots, device)?,
+                    causal_mask,
+                });
+            }
+            return Ok(Self {
+                positions: Tensor::new(positions, device)?,
+                slot_mapping: Tensor::new(slot_mapping, device)?,
+                sequences,
+                num_tokens,
+                kernel: None,
+            });
+        }
+        // One host buffer, one transfer: positions | slots | token_seq | context_lens | block tables.
+        let seqs = steps.len();
+        let max_blocks = steps
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let context_lens: Vec<u32> = spans.iter().map(|&(_, c)| c as u32).collect();
+        let mut packed = Vec::with_capacity(3 * num_tokens + seqs * (1 + max_blocks));
+        packed.extend(&positions);
+        packed.extend(&slot_mapping);
+        packed.extend(&token_seq);
+        packed.extend(&context_lens);
+        for step in steps {
+            packed.extend(step.block_table);
+            packed.extend(std::iter::repeat_n(0, max_blocks - step.block_table.len()));
+        }
+        let all = Tensor::new(packed, device)?;
+        let t = num_tokens;
         Ok(Self {
-            positions: Tensor::new(positions, device)?,
-            slot_mapping: Tensor::new(slot_mapping, device)?,
-            sequences,
+            positions: all.narrow(0, 0, t)?,
+            slot_mapping: all.narrow(0, t, t)?,
+            sequences: Vec::new(),
             num_tokens,
+            kernel: Some(KernelMetadata {
+                token_seq: all.narrow(0, 2 * t, t)?,
+                context_lens: all.narrow(0, 3 * t, seqs)?,
+                block_tables: all
+                    .narrow(0, 3 * t + seqs, seqs * max_blocks)?
+                    .reshape((seqs, max_blocks))?,
+                max_context: context_lens.iter().copied().max().unwrap_or(0) as usize,
+                block_size,
+                all_decode: steps.iter().all(|s| s.num_new == 1),
+            }),
         })
     }
+}
+
+fn slot_of(table: &[u32], block_size: usize, pos: usize) -> u32 {
+    table[pos / block_size] * block_size as u32 + (pos % block_size) as u32
 }
 
 /// Query `i` sits at position `num_cached + i` and sees keys `0..=num_cached + i`.

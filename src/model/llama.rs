@@ -4,8 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{paged_attention, write_kv, AttentionMetadata};
-use super::config::TextConfig;
+use super::attention::{paged_attention, write_kv, AttentionMetadata, KernelMetadata};
+use super::config::{Activation, TextConfig};
 use super::kv_cache::KvCache;
 use super::layers::{activate, Linear, RmsNorm};
 
@@ -13,6 +13,8 @@ use super::layers::{activate, Linear, RmsNorm};
 struct RotaryTables {
     cos: Tensor,
     sin: Tensor,
+    /// `[max_positions, head_dim]` f32, cos then sin: the fused rotary kernel's table.
+    cos_sin: Tensor,
 }
 
 impl RotaryTables {
@@ -26,9 +28,11 @@ impl RotaryTables {
             .to_dtype(DType::F32)?
             .reshape((cfg.max_position_embeddings, 1))?;
         let freqs = positions.broadcast_mul(&inv_freq)?;
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
         Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            cos_sin: Tensor::cat(&[&cos, &sin], 1)?,
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
         })
     }
 
@@ -121,6 +125,14 @@ impl LlamaDecoder {
         self.embed_tokens.index_select(token_ids, 0)
     }
 
+    /// Whether steps should run through our fused kernels (built with `cuda`, on a GPU, head dim 64 or
+    /// 128); otherwise the reference path of candle ops runs.
+    pub fn uses_kernels(&self) -> bool {
+        cfg!(feature = "cuda")
+            && self.embed_tokens.device().is_cuda()
+            && matches!(self.cfg.head_dim, 64 | 128)
+    }
+
     /// Runs every layer over `[num_tokens, hidden]` input embeddings, writing K/V into `kv_cache`;
     /// returns the final hidden states before the last norm.
     pub fn forward_hidden(
@@ -129,6 +141,9 @@ impl LlamaDecoder {
         meta: &AttentionMetadata,
         kv_cache: &KvCache,
     ) -> candle_core::Result<Tensor> {
+        if let Some(kernel) = &meta.kernel {
+            return self.forward_fused(embeds, meta, kernel, kv_cache);
+        }
         let cfg = &self.cfg;
         let n = meta.num_tokens;
         let scale = (cfg.head_dim as f64).powf(-0.5);
@@ -177,6 +192,92 @@ impl LlamaDecoder {
             x = (x + mlp)?;
         }
         Ok(x)
+    }
+
+    /// The same computation through the fused kernels: residual add + norm in one op, rotary at
+    /// explicit positions, K/V written by slot, paged attention read through block tables.
+    fn forward_fused(
+        &self,
+        embeds: &Tensor,
+        meta: &AttentionMetadata,
+        kernel: &KernelMetadata,
+        kv_cache: &KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.cfg;
+        let n = meta.num_tokens;
+        let (heads, kv_heads, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let scale = (d as f32).powf(-0.5);
+        let eps = cfg.rms_norm_eps as f32;
+        let paged = llava_kernels::PagedLayout {
+            block_tables: kernel.block_tables.clone(),
+            block_size: kernel.block_size,
+            num_kv_heads: kv_heads,
+        };
+        let mut x = embeds.clone();
+        let mut residual: Option<Tensor> = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (h, res) = match residual.take() {
+                None => (layer.input_layernorm.forward(&x)?, x.clone()),
+                Some(r) => {
+                    llava_kernels::add_rms_norm(&x, &r, layer.input_layernorm.weight(), eps)?
+                }
+            };
+            let q = layer.q_proj.forward(&h)?.reshape((n, heads, d))?;
+            let k = layer.k_proj.forward(&h)?.reshape((n, kv_heads, d))?;
+            let v = layer.v_proj.forward(&h)?.reshape((n, kv_heads * d))?;
+            let q = llava_kernels::rotary(&q, &self.rotary.cos_sin, &meta.positions)?;
+            let k = llava_kernels::rotary(&k, &self.rotary.cos_sin, &meta.positions)?;
+            let (key_cache, value_cache) = kv_cache.layer(i);
+            llava_kernels::write_kv(
+                key_cache,
+                &k.reshape((n, kv_heads * d))?,
+                &meta.slot_mapping,
+            )?;
+            llava_kernels::write_kv(value_cache, &v, &meta.slot_mapping)?;
+            let attn = if kernel.all_decode {
+                llava_kernels::decode_attention(
+                    &q,
+                    key_cache,
+                    value_cache,
+                    &kernel.context_lens,
+                    kernel.max_context,
+                    &paged,
+                    scale,
+                )?
+            } else {
+                llava_kernels::prefill_attention(
+                    &q,
+                    key_cache,
+                    value_cache,
+                    &meta.positions,
+                    &kernel.token_seq,
+                    &paged,
+                    scale,
+                )?
+            };
+            let o = layer.o_proj.forward(&attn.reshape((n, heads * d))?)?;
+            let (h, res) = llava_kernels::add_rms_norm(
+                &o,
+                &res,
+                layer.post_attention_layernorm.weight(),
+                eps,
+            )?;
+            let (gate, up) = (layer.gate_proj.forward(&h)?, layer.up_proj.forward(&h)?);
+            let act = match cfg.hidden_act {
+                Activation::Silu => llava_kernels::silu_mul(&gate, &up)?,
+                other => (activate(other, &gate)? * up)?,
+            };
+            x = layer.down_proj.forward(&act)?;
+            residual = Some(res);
+        }
+        match residual {
+            Some(r) => x + r,
+            None => Ok(x),
+        }
     }
 
     /// Final norm and lm_head for the given rows of hidden states: `[rows, vocab]`.

@@ -69,6 +69,22 @@ impl LlavaModel {
         // outside what we defend against (as everywhere safetensors are mmapped).
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
             .map_err(|e| ModelError::Weights(e.to_string()))?;
+        Self::from_var_builder(vb, config, dtype, device)
+    }
+
+    /// Random weights of the config's shapes, made on `device` (`--load-format dummy`).
+    pub fn dummy(config: LlavaConfig, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let vb =
+            VarBuilder::from_backend(Box::new(super::dummy::RandomWeights), dtype, device.clone());
+        Self::from_var_builder(vb, config, dtype, device)
+    }
+
+    fn from_var_builder(
+        vb: VarBuilder,
+        config: LlavaConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         let layout = if vb.contains_tensor("model.language_model.embed_tokens.weight") {
             &NESTED_LAYOUT
         } else {
@@ -93,6 +109,11 @@ impl LlavaModel {
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// Whether forward steps want `AttentionMetadata::build_for(.., kernels = true)`.
+    pub fn uses_attention_kernels(&self) -> bool {
+        self.decoder.uses_kernels()
     }
 
     pub fn dtype(&self) -> DType {

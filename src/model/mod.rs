@@ -6,6 +6,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod dummy;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;
@@ -38,6 +39,64 @@ pub enum ModelError {
     Weights(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// How weights are obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadFormat {
+    /// From the checkpoint's safetensors.
+    Auto,
+    /// Random weights of the checkpoint's (or a built-in) shapes.
+    Dummy,
+}
+
+impl std::str::FromStr for LoadFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" | "safetensors" => Ok(LoadFormat::Auto),
+            "dummy" => Ok(LoadFormat::Dummy),
+            other => Err(format!("unknown load format {other:?}: use auto or dummy")),
+        }
+    }
+}
+
+/// Where the tokenizer, template and processor config of built-in dummy shapes come from: the
+/// repository's tiny fixture (the real LLaMA tokenizer and llava-hf's files), found from the working
+/// directory first (the device machine runs from a copy of the repository), else from the build tree.
+fn dummy_assets() -> std::path::PathBuf {
+    let relative = std::path::Path::new("tests/fixtures/tiny");
+    if relative.is_dir() {
+        return relative.to_owned();
+    }
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Loads a model for serving or generation: `spec` is a checkpoint (folder or hub id), or with
+/// `LoadFormat::Dummy` also a built-in shape name. Returns the model, its config and the folder that
+/// holds the tokenizer and processor files.
+pub fn load_model(
+    spec: &str,
+    format: LoadFormat,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<(LlavaModel, CheckpointDir), ModelError> {
+    if format == LoadFormat::Dummy {
+        if let Some(json) = dummy::builtin_config(spec) {
+            let config = LlavaConfig::from_json(&json)?;
+            let assets = CheckpointDir {
+                root: dummy_assets(),
+            };
+            return Ok((LlavaModel::dummy(config, dtype, device)?, assets));
+        }
+    }
+    let checkpoint = resolve_checkpoint(spec)?;
+    let config = LlavaConfig::from_file(&checkpoint.file("config.json"))?;
+    let model = match format {
+        LoadFormat::Auto => LlavaModel::load(&checkpoint, config, dtype, device)?,
+        LoadFormat::Dummy => LlavaModel::dummy(config, dtype, device)?,
+    };
+    Ok((model, checkpoint))
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.

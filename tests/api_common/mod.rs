@@ -18,6 +18,7 @@ pub fn fixtures() -> PathBuf {
 pub fn options() -> ServeOptions {
     ServeOptions {
         model: fixtures().join("tiny").to_str().unwrap().to_owned(),
+        load_format: llava_server::model::LoadFormat::Auto,
         dtype: "f32".into(),
         device: "cpu".into(),
         host: "127.0.0.1".into(),

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine, from the repository root, after benches/device/prepare.sh here:
+# correctness first (kernels vs CPU references, tiny fixtures in bf16), then the timing scenarios with
+# dummy LLaVA-1.5-7B weights in bf16. Everything lands in $OUT (results.md is the table to commit).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/bin
+LIBS=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],'cu13','lib'))")
+export LD_LIBRARY_PATH=$LIBS:${LD_LIBRARY_PATH:-}
+for f in .device/*.xz; do xz -dc "$f" > "/tmp/bin/$(basename "$f" .xz)"; chmod +x "/tmp/bin/$(basename "$f" .xz)"; done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+timeout 180 /tmp/bin/kernels_device --test-threads 1 --nocapture 2>&1 | tee "$OUT/correctness.txt"
+timeout 420 /tmp/bin/serving --model llava-1.5-7b --load-format dummy --device cuda:0 --dtype bf16 \
+  --out "$OUT/results.md" 2>&1 | tee "$OUT/serving.log"

@@ -1,0 +1,144 @@
+//! Reference implementations on f32 slices: the definitions the CUDA kernels are checked against.
+//! `round` rounds an f32 to the storage dtype where the kernel stores an intermediate in it.
+
+/// Returns (normed, summed), each `rows × dim`.
+pub fn add_rms_norm(
+    x: &[f32],
+    residual: &[f32],
+    weight: &[f32],
+    dim: usize,
+    eps: f32,
+    round: fn(f32) -> f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let summed: Vec<f32> = x.iter().zip(residual).map(|(a, b)| round(a + b)).collect();
+    let mut normed = vec![0f32; summed.len()];
+    for (row, out) in summed.chunks(dim).zip(normed.chunks_mut(dim)) {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let inv = 1.0 / (mean_sq + eps).sqrt();
+        for ((o, v), w) in out.iter_mut().zip(row).zip(weight) {
+            *o = w * round(v * inv);
+        }
+    }
+    (normed, summed)
+}
+
+pub fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter()
+        .zip(up)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect()
+}
+
+/// `x`: `[tokens, heads, dim]`; `table`: `[positions, dim]` holding cos then sin.
+pub fn rotary(x: &[f32], table: &[f32], positions: &[u32], heads: usize, dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let mut out = x.to_vec();
+    for (t, &pos) in positions.iter().enumerate() {
+        let row = &table[pos as usize * dim..(pos as usize + 1) * dim];
+        for h in 0..heads {
+            let base = (t * heads + h) * dim;
+            for i in 0..half {
+                let (a, b) = (x[base + i], x[base + half + i]);
+                let (c, s) = (row[i], row[half + i]);
+                out[base + i] = a * c - b * s;
+                out[base + half + i] = b * c + a * s;
+            }
+        }
+    }
+    out
+}
+
+/// The cache and how positions map to its slots.
+pub struct PagedCache<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    pub block_tables: &'a [u32],
+    pub max_blocks: usize,
+    pub block_size: usize,
+    pub kv_heads: usize,
+}
+
+impl PagedCache<'_> {
+    fn slot(&self, seq: usize, pos: usize) -> usize {
+        self.block_tables[seq * self.max_blocks + pos / self.block_size] as usize * self.block_size
+            + pos % self.block_size
+    }
+}
+
+/// Query `t` (of sequence `seqs[t]`) attends to positions `0..ends[t]`. `q`: `[queries, heads, dim]`.
+pub fn paged_attention(
+    q: &[f32],
+    cache: &PagedCache<'_>,
+    seqs: &[u32],
+    ends: &[u32],
+    heads: usize,
+    dim: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let group = heads / cache.kv_heads;
+    let mut out = vec![0f32; q.len()];
+    for (t, (&seq, &end)) in seqs.iter().zip(ends).enumerate() {
+        for h in 0..heads {
+            let kvh = h / group;
+            let qrow = &q[(t * heads + h) * dim..(t * heads + h + 1) * dim];
+            let rows: Vec<usize> = (0..end as usize)
+                .map(|p| (cache.slot(seq as usize, p) * cache.kv_heads + kvh) * dim)
+                .collect();
+            let scores: Vec<f32> = rows
+                .iter()
+                .map(|&r| {
+                    qrow.iter()
+                        .zip(&cache.keys[r..r + dim])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+                        * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f32 = weights.iter().sum();
+            let o = &mut out[(t * heads + h) * dim..(t * heads + h + 1) * dim];
+            for (w, &r) in weights.iter().zip(&rows) {
+                for (od, v) in o.iter_mut().zip(&cache.values[r..r + dim]) {
+                    *od += w / total * v;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_of_a_constant_row_is_the_weight() {
+        let (normed, summed) = add_rms_norm(&[1.0, 1.0], &[2.0, 2.0], &[0.5, 2.0], 2, 0.0, |v| v);
+        assert_eq!(summed, vec![3.0, 3.0]);
+        assert!((normed[0] - 0.5).abs() < 1e-6 && (normed[1] - 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rotary_at_position_zero_is_identity() {
+        let table = vec![1.0, 1.0, 0.0, 0.0];
+        assert_eq!(
+            rotary(&[1.0, 2.0, 3.0, 4.0], &table, &[0], 1, 4),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
+    }
+
+    #[test]
+    fn attention_over_one_key_returns_its_value() {
+        let cache = PagedCache {
+            keys: &[1.0, 0.0],
+            values: &[5.0, 7.0],
+            block_tables: &[0],
+            max_blocks: 1,
+            block_size: 1,
+            kv_heads: 1,
+        };
+        let out = paged_attention(&[0.3, 0.4], &cache, &[0], &[1], 1, 2, 1.0);
+        assert_eq!(out, vec![5.0, 7.0]);
+    }
+}
