@@ -132,10 +132,21 @@ fn unreachable_hub_is_a_clear_error() {
 fn dummy_weights_run_and_builtin_shapes_need_the_dummy_format() {
     // Random weights of the tiny fixture's shapes: generation runs end to end.
     let out = generate(
-        &["--load-format", "dummy", "--prompt", "hi", "--max-tokens", "3"],
+        &[
+            "--load-format",
+            "dummy",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "3",
+        ],
         &[],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!String::from_utf8(out.stdout).unwrap().trim().is_empty());
     // A built-in shape name is not a checkpoint.
     let out = generate(&["--model", "llava-1.5-7b", "--prompt", "hi"], &[]);

@@ -8,7 +8,7 @@ use axum::Json;
 use super::body::parse_json;
 use super::error::ApiError;
 use super::generation::{
-    chat_logprobs, finish_reason_str, prepare_chat, run_to_completion, submit, ChoiceProgress,
+    chat_logprobs, finish_reason_str, prepare_chat, pump_events, run_to_completion, submit,
 };
 use super::sse::{sse_response, SseSink};
 use super::state::{new_id, unix_now, SharedState};
@@ -100,7 +100,7 @@ fn stream_chat(
     include_usage: bool,
 ) -> Result<Response, ApiError> {
     let params = prepared.params.clone();
-    let (mut stream, in_flight, tokenizer, usage) = submit(&state, prepared)?;
+    let (stream, in_flight, tokenizer, usage) = submit(&state, prepared)?;
     let id = new_id("chatcmpl");
     let created = unix_now();
     let fingerprint = state.system_fingerprint.clone();
@@ -115,11 +115,6 @@ fn stream_chat(
     };
     Ok(sse_response(move |sink: SseSink| async move {
         let _in_flight = in_flight;
-        let started = std::time::Instant::now();
-        let mut last_token: Option<std::time::Instant> = None;
-        let mut choices: Vec<ChoiceProgress> = (0..params.n)
-            .map(|_| ChoiceProgress::new(tokenizer.clone(), &params))
-            .collect();
         for index in 0..params.n {
             let role = ChatDelta {
                 role: Some("assistant"),
@@ -133,30 +128,7 @@ fn stream_chat(
             };
             sink.send_json(&chunk(vec![first], None))?;
         }
-        while choices.iter().any(|c| c.finish.is_none()) {
-            let next = tokio::select! {
-                next = stream.next() => next,
-                _ = sink.closed() => return Err(super::sse::StreamEnd),
-            };
-            let event = match next {
-                Some(Ok(event)) => event,
-                Some(Err(e)) => return sink.send_error(&ApiError::from(e)),
-                None => {
-                    return sink.send_error(&ApiError::Internal(
-                        "the engine ended the request early".into(),
-                    ))
-                }
-            };
-            let now = std::time::Instant::now();
-            match last_token {
-                None => metrics::histogram!("llava_time_to_first_token_seconds")
-                    .record((now - started).as_secs_f64()),
-                Some(t) => metrics::histogram!("llava_inter_token_latency_seconds")
-                    .record((now - t).as_secs_f64()),
-            }
-            last_token = Some(now);
-            let index = event.index;
-            let delta = choices[index].apply(&event).map_err(|e| sink.fail(&e))?;
+        let choices = pump_events(stream, &sink, tokenizer.clone(), &params, |index, delta| {
             if !delta.text.is_empty() || !delta.logprobs.is_empty() {
                 let choice = ChatChunkChoice {
                     index,
@@ -180,14 +152,13 @@ fn stream_chat(
                 };
                 sink.send_json(&chunk(vec![choice], None))?;
             }
-        }
-        drop(stream);
+            Ok(())
+        })
+        .await?;
         if include_usage {
             let usage = super::generation::final_usage(usage, &choices);
             sink.send_json(&chunk(Vec::new(), Some(usage)))?;
         }
-        metrics::histogram!("llava_e2e_latency_seconds").record(started.elapsed().as_secs_f64());
-        metrics::counter!("llava_requests_total", "status" => "200").increment(1);
         sink.send_done()
     }))
 }

@@ -9,10 +9,10 @@ use tokenizers::Tokenizer;
 use super::body::parse_json;
 use super::error::ApiError;
 use super::generation::{
-    finish_reason_str, prepare_completion, run_to_completion, submit, token_text, ChoiceProgress,
+    finish_reason_str, prepare_completion, pump_events, run_to_completion, submit, token_text,
     Prepared,
 };
-use super::sse::{sse_response, SseSink, StreamEnd};
+use super::sse::{sse_response, SseSink};
 use super::state::{new_id, unix_now, SharedState};
 use super::wire::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorResponse,
@@ -111,7 +111,7 @@ fn stream_completion(
     include_usage: bool,
 ) -> Result<Response, ApiError> {
     let params = prepared.params.clone();
-    let (mut stream, in_flight, tokenizer, usage) = submit(&state, prepared)?;
+    let (stream, in_flight, tokenizer, usage) = submit(&state, prepared)?;
     let id = new_id("cmpl");
     let created = unix_now();
     let fingerprint = state.system_fingerprint.clone();
@@ -126,43 +126,25 @@ fn stream_completion(
     };
     Ok(sse_response(move |sink: SseSink| async move {
         let _in_flight = in_flight;
-        let mut choices: Vec<ChoiceProgress> = (0..params.n)
-            .map(|_| ChoiceProgress::new(tokenizer.clone(), &params))
-            .collect();
-        while choices.iter().any(|c| c.finish.is_none()) {
-            let next = tokio::select! {
-                next = stream.next() => next,
-                _ = sink.closed() => return Err(StreamEnd),
-            };
-            let event = match next {
-                Some(Ok(event)) => event,
-                Some(Err(e)) => return sink.send_error(&ApiError::from(e)),
-                None => {
-                    return sink.send_error(&ApiError::Internal(
-                        "the engine ended the request early".into(),
-                    ))
-                }
-            };
-            let index = event.index;
-            let delta = choices[index].apply(&event).map_err(|e| sink.fail(&e))?;
-            if !delta.text.is_empty() || delta.finish.is_some() {
-                let choice = CompletionChoice {
-                    index,
-                    text: delta.text,
-                    logprobs: params
-                        .logprobs
-                        .map(|_| legacy_logprobs(&tokenizer, &delta.logprobs)),
-                    finish_reason: delta.finish.map(finish_reason_str),
-                };
-                sink.send_json(&chunk(vec![choice], None))?;
+        let choices = pump_events(stream, &sink, tokenizer.clone(), &params, |index, delta| {
+            if delta.text.is_empty() && delta.finish.is_none() {
+                return Ok(());
             }
-        }
-        drop(stream);
+            let choice = CompletionChoice {
+                index,
+                text: delta.text,
+                logprobs: params
+                    .logprobs
+                    .map(|_| legacy_logprobs(&tokenizer, &delta.logprobs)),
+                finish_reason: delta.finish.map(finish_reason_str),
+            };
+            sink.send_json(&chunk(vec![choice], None))
+        })
+        .await?;
         if include_usage {
             let usage = super::generation::final_usage(usage, &choices);
             sink.send_json(&chunk(Vec::new(), Some(usage)))?;
         }
-        metrics::counter!("llava_requests_total", "status" => "200").increment(1);
         sink.send_done()
     }))
 }

@@ -310,3 +310,50 @@ pub async fn run_to_completion(
         usage: final_usage(usage, &choices),
     })
 }
+
+/// Streams a request's events as per-choice deltas through `emit` until every choice has finished,
+/// stopping as soon as the client leaves; records TTFT, inter-token and end-to-end latency. Returns the
+/// choices (for usage) once done. Engine failures become an SSE error frame.
+pub async fn pump_events(
+    mut stream: RequestStream,
+    sink: &super::sse::SseSink,
+    tokenizer: Arc<Tokenizer>,
+    params: &SamplingParams,
+    mut emit: impl FnMut(usize, ChoiceDelta) -> Result<(), super::sse::StreamEnd>,
+) -> Result<Vec<ChoiceProgress>, super::sse::StreamEnd> {
+    let started = Instant::now();
+    let mut last_token: Option<Instant> = None;
+    let mut choices: Vec<ChoiceProgress> = (0..params.n)
+        .map(|_| ChoiceProgress::new(tokenizer.clone(), params))
+        .collect();
+    while choices.iter().any(|c| c.finish.is_none()) {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            _ = sink.closed() => return Err(super::sse::StreamEnd),
+        };
+        let event = match next {
+            Some(Ok(event)) => event,
+            Some(Err(e)) => return Err(sink.fail(&ApiError::from(e))),
+            None => {
+                let e = ApiError::Internal("the engine ended the request early".into());
+                return Err(sink.fail(&e));
+            }
+        };
+        let now = Instant::now();
+        match last_token {
+            None => metrics::histogram!("llava_time_to_first_token_seconds")
+                .record((now - started).as_secs_f64()),
+            Some(t) => metrics::histogram!("llava_inter_token_latency_seconds")
+                .record((now - t).as_secs_f64()),
+        }
+        last_token = Some(now);
+        let index = event.index;
+        let delta = choices[index].apply(&event).map_err(|e| sink.fail(&e))?;
+        emit(index, delta)?;
+    }
+    // Dropping the stream aborts choices a stop string ended before the engine did.
+    drop(stream);
+    metrics::histogram!("llava_e2e_latency_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("llava_requests_total", "status" => "200").increment(1);
+    Ok(choices)
+}
