@@ -10,7 +10,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::{add, set, EngineMetrics};
-use super::runner::{BatchEntry, ModelRunner};
+use super::runner::{BatchEntry, ModelRunner, StepLogits};
 use super::sampler::SequenceSampler;
 use super::EngineError;
 use crate::scheduler::{Scheduler, SeqId, SeqImage, Sequence};
@@ -223,7 +223,12 @@ impl EngineCore {
                 }
             })
             .collect();
-        let result = self.runner.execute(&batch);
+        let greedy_only = out
+            .scheduled
+            .iter()
+            .filter(|s| s.sample)
+            .all(|s| self.seqs[&s.seq_id].sampler.is_plain_greedy());
+        let result = self.runner.execute(&batch, greedy_only);
         drop(batch);
         let step = match result {
             Ok(step) => step,
@@ -253,13 +258,12 @@ impl EngineCore {
             .collect();
         let mut sampled = Vec::with_capacity(sampling.len());
         let mut logprobs = Vec::with_capacity(sampling.len());
-        for (id, logits) in sampling.iter().zip(&step.logits) {
-            let s = self
-                .seqs
-                .get_mut(id)
-                .expect("scheduled")
-                .sampler
-                .sample(logits);
+        for (i, id) in sampling.iter().enumerate() {
+            let sampler = &mut self.seqs.get_mut(id).expect("scheduled").sampler;
+            let s = match &step.logits {
+                StepLogits::Rows(rows) => sampler.sample(&rows[i]),
+                StepLogits::Argmax(tokens) => sampler.record(tokens[i]),
+            };
             sampled.push((*id, s.token_id));
             logprobs.push(s.logprobs);
         }

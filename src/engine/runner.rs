@@ -69,9 +69,16 @@ pub struct ModelRunner {
     image_cache: ImageEmbeddingCache,
 }
 
-/// Output of a step: last-position logits of each sampling sequence, in batch order.
+/// What a step hands the sampler: each sampling sequence's logits, or (all greedy, on a GPU) the
+/// argmax already taken on the device, so the `[rows, vocab]` matrix never crosses to the host.
+pub enum StepLogits {
+    Rows(Vec<Vec<f32>>),
+    Argmax(Vec<u32>),
+}
+
+/// Output of a step, in batch order.
 pub struct StepOutput {
-    pub logits: Vec<Vec<f32>>,
+    pub logits: StepLogits,
     pub images: StepImageStats,
     pub prepare_micros: u64,
     pub forward_micros: u64,
@@ -137,7 +144,12 @@ impl ModelRunner {
         Ok(found)
     }
 
-    pub fn execute(&mut self, batch: &[BatchEntry<'_>]) -> Result<StepOutput, ModelError> {
+    /// `greedy_only`: every sampling sequence just wants the argmax (no logprobs, penalties or bias).
+    pub fn execute(
+        &mut self,
+        batch: &[BatchEntry<'_>],
+        greedy_only: bool,
+    ) -> Result<StepOutput, ModelError> {
         let started = Instant::now();
         let mut images = StepImageStats::default();
         let features = self.image_features(batch, &mut images)?;
@@ -201,11 +213,15 @@ impl ModelRunner {
             // Only partial prefills this step: the K/V are what matters, no logits are wanted.
             let rows = Tensor::new(&[0u32], &device)?;
             self.forward(&token_ids, &image_rows, &meta, &rows)?;
-            Vec::new()
+            StepLogits::Rows(Vec::new())
         } else {
             let rows = Tensor::new(logits_rows, &device)?;
-            self.forward(&token_ids, &image_rows, &meta, &rows)?
-                .to_vec2::<f32>()?
+            let logits = self.forward(&token_ids, &image_rows, &meta, &rows)?;
+            if greedy_only && !device.is_cpu() {
+                StepLogits::Argmax(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+            } else {
+                StepLogits::Rows(logits.to_vec2::<f32>()?)
+            }
         };
         Ok(StepOutput {
             logits,

@@ -45,6 +45,26 @@ impl SequenceSampler {
         }
     }
 
+    /// Greedy with nothing that needs the logits on the host (no logprobs, penalties or bias).
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature <= 0.0
+            && p.logprobs.is_none()
+            && p.logit_bias.is_empty()
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+    }
+
+    /// Takes a token chosen elsewhere (the device's argmax for a plain greedy step).
+    pub fn record(&mut self, token_id: u32) -> Sampled {
+        *self.output_counts.entry(token_id).or_default() += 1;
+        Sampled {
+            token_id,
+            logprobs: None,
+        }
+    }
+
     pub fn sample(&mut self, raw_logits: &[f32]) -> Sampled {
         let mut logits = raw_logits.to_vec();
         self.apply_bias_and_penalties(&mut logits);
