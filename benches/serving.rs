@@ -33,6 +33,9 @@ struct Args {
     out: Option<String>,
     #[arg(long, default_value = "s1,s2,s4,s5")]
     scenarios: String,
+    /// Run the device correctness checks (kernels, bf16 end to end) before any timing.
+    #[arg(long)]
+    check: bool,
     /// cargo bench passes this; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -176,9 +179,24 @@ async fn run_requests(
     (timings, tokens, started.elapsed().as_secs_f64())
 }
 
+#[cfg(feature = "cuda")]
+mod device_checks;
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = Args::parse();
+    if args.check {
+        #[cfg(feature = "cuda")]
+        tokio::task::spawn_blocking(device_checks::run_all)
+            .await
+            .expect("device checks");
+        #[cfg(not(feature = "cuda"))]
+        panic!("--check needs a build with --features cuda");
+        #[allow(unreachable_code)]
+        if args.scenarios == "none" {
+            return;
+        }
+    }
     let device = parse_device(&args.device).unwrap();
     let dtype = parse_dtype(&args.dtype).unwrap();
     let scenarios: Vec<&str> = args.scenarios.split(',').collect();

@@ -9,6 +9,7 @@ LIBS=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],
 export LD_LIBRARY_PATH=$LIBS:${LD_LIBRARY_PATH:-}
 for f in .device/*.xz; do xz -dc "$f" > "/tmp/bin/$(basename "$f" .xz)"; chmod +x "/tmp/bin/$(basename "$f" .xz)"; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-timeout 180 /tmp/bin/kernels_device --test-threads 1 --nocapture 2>&1 | tee "$OUT/correctness.txt"
+timeout 180 /tmp/bin/serving --check --scenarios none --device cuda:0 --dtype bf16 --out "$OUT/check.md" \
+  2>&1 | tee "$OUT/correctness.txt"
 timeout 420 /tmp/bin/serving --model llava-1.5-7b --load-format dummy --device cuda:0 --dtype bf16 \
   --out "$OUT/results.md" 2>&1 | tee "$OUT/serving.log"

@@ -1,6 +1,7 @@
 //! CUDA sides of the custom ops: the PTX that `build.rs` made, loaded once per device by candle, and
 //! one launch per op (two for partitioned decode attention).
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};

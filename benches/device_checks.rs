@@ -1,10 +1,7 @@
-//! GPU checks (built only with `--features cuda`, run on the lent GPU by benches/device/run.sh): every
+//! Device correctness checks (run by `serving --check` on the lent GPU, before any timing): every
 //! kernel on fresh random inputs against its CPU reference in f32 (relative error ≤ 1e-2 in bf16,
 //! ≤ 1e-3 in f16), outputs poisoned first; and the tiny fixtures end to end in bf16 against HF's greedy
-//! tokens (≥ 95% of the first 16 agree).
-#![cfg(feature = "cuda")]
-
-mod common;
+//! tokens (≥ 95% of the first 16 agree per case). A failed check panics with what failed.
 
 use candle_core::{DType, Device, Tensor};
 use llava_kernels as k;
@@ -55,7 +52,6 @@ fn randn(shape: &[usize]) -> Tensor {
     Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()
 }
 
-#[test]
 fn elementwise_kernels_match_the_cpu_reference() {
     let dev = gpu();
     for (dtype, tol) in CASES {
@@ -93,7 +89,6 @@ fn elementwise_kernels_match_the_cpu_reference() {
     }
 }
 
-#[test]
 fn attention_kernels_match_the_cpu_reference() {
     let dev = gpu();
     // Two sequences (one of 1100 tokens: three decode partitions), interleaved blocks of 16.
@@ -168,7 +163,6 @@ fn attention_kernels_match_the_cpu_reference() {
     }
 }
 
-#[test]
 fn write_kv_writes_exactly_its_slots() {
     let dev = gpu();
     let cache = Tensor::full(f32::NAN, (64, 256), &dev)
@@ -198,18 +192,25 @@ fn write_kv_writes_exactly_its_slots() {
     );
 }
 
-#[test]
 fn tiny_fixtures_in_bf16_agree_with_hf_greedy_tokens() {
     use llava_server::engine::{self, EngineConfig};
+    use llava_server::frontend::{ImageProcessorConfig, PromptBuilder};
     use llava_server::types::SamplingParams;
+    let fixtures = std::path::Path::new("tests/fixtures");
     for variant in ["tiny", "tiny_gqa"] {
-        let fx = common::Fixture::load(variant);
-        let dir = common::fixtures().join(variant);
-        let (model, _) = llava_server::model::load_model(
+        let dir = fixtures.join(variant);
+        let (model, assets) = llava_server::model::load_model(
             dir.to_str().unwrap(),
             llava_server::model::LoadFormat::Auto,
             DType::BF16,
             &gpu(),
+        )
+        .unwrap();
+        let builder = PromptBuilder::from_checkpoint(&assets.root, &model.config).unwrap();
+        let processor =
+            ImageProcessorConfig::from_file(&assets.file("preprocessor_config.json")).unwrap();
+        let refs: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures.join(format!("refs/{variant}.json"))).unwrap(),
         )
         .unwrap();
         let engine = engine::start(
@@ -220,12 +221,31 @@ fn tiny_fixtures_in_bf16_agree_with_hf_greedy_tokens() {
             },
         )
         .unwrap();
-        for case in fx.cases() {
-            let prompt = fx
-                .builder
-                .tokenize(case["prompt"].as_str().unwrap(), fx.images(case), 0)
+        for case in refs["cases"].as_array().unwrap() {
+            let files: Vec<String> = match (&case["images"], &case["image"]) {
+                (serde_json::Value::Array(l), _) => {
+                    l.iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+                }
+                (_, serde_json::Value::String(one)) => vec![one.clone()],
+                _ => vec![],
+            };
+            let images = files
+                .iter()
+                .map(|f| {
+                    processor
+                        .process_bytes(&std::fs::read(fixtures.join("images").join(f)).unwrap())
+                        .unwrap()
+                })
+                .collect();
+            let prompt = builder
+                .tokenize(case["prompt"].as_str().unwrap(), images, 0)
                 .unwrap();
-            let want = common::ids(&case["greedy"]["ids"]);
+            let want: Vec<u32> = case["greedy"]["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             let params = SamplingParams {
                 max_tokens: 16,
                 ignore_eos: true,
@@ -246,4 +266,16 @@ fn tiny_fixtures_in_bf16_agree_with_hf_greedy_tokens() {
             );
         }
     }
+}
+
+/// Runs every check; panics on the first failure.
+pub fn run_all() {
+    elementwise_kernels_match_the_cpu_reference();
+    println!("ok: add_rms_norm, silu_mul, rotary (bf16 ≤ 1e-2, f16 ≤ 1e-3)");
+    attention_kernels_match_the_cpu_reference();
+    println!("ok: prefill and decode attention (head dims 64/128, GQA, 3 partitions)");
+    write_kv_writes_exactly_its_slots();
+    println!("ok: write_kv");
+    tiny_fixtures_in_bf16_agree_with_hf_greedy_tokens();
+    println!("ok: tiny fixtures end to end in bf16");
 }
