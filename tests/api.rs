@@ -252,6 +252,15 @@ async fn every_error_has_its_status_and_openai_error_object() {
     let (s, _, b) = send(text(json!({"logit_bias": {"999999": 1}})), key).await;
     assert_eq!(s, 400);
     assert_error(&b, "invalid_request_error", Some("logit_bias"));
+    let (s, _, b) = send(json!([1, 2, 3]), key).await;
+    assert_eq!(s, 400);
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expected struct"),
+        "{b}"
+    );
     let (s, _, b) = send(json!({"model": MODEL, "messages": []}), key).await;
     assert_eq!(s, 400);
     assert_error(&b, "invalid_request_error", Some("messages"));

@@ -26,8 +26,10 @@ pub fn parse_json<T: DeserializeOwned>(
         let (path, inner) = (e.path().to_string(), e.into_inner());
         if path.is_empty() || path == "." {
             // Flattened fields lose their path; the shared generation fields are re-read alone.
-            if let Err(e) = serde_path_to_error::deserialize::<_, SamplingFields>(&value) {
-                return field_error(e.path().to_string(), e.into_inner());
+            if value.is_object() {
+                if let Err(e) = serde_path_to_error::deserialize::<_, SamplingFields>(&value) {
+                    return field_error(e.path().to_string(), e.into_inner());
+                }
             }
             return ApiError::invalid(format!("invalid request: {inner}"), None);
         }
