@@ -97,10 +97,6 @@ impl ModelRunner {
         }
     }
 
-    pub fn model(&self) -> &LlavaModel {
-        &self.model
-    }
-
     /// Features of every image overlapping a scheduled range, encoding the uncached ones in one batch.
     fn image_features(
         &mut self,

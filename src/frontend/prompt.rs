@@ -80,10 +80,6 @@ impl PromptBuilder {
         &self.tokenizer
     }
 
-    pub fn max_context(&self) -> usize {
-        self.max_context
-    }
-
     /// The chat template's text for these messages, generation prompt appended.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, FrontendError> {
         let messages: Vec<TemplateMessage> = messages

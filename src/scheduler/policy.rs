@@ -74,10 +74,6 @@ impl Scheduler {
         &self.pool
     }
 
-    pub fn config(&self) -> &SchedulerConfig {
-        &self.config
-    }
-
     /// Queues a sequence (at the back: first come, first served).
     pub fn add(&mut self, seq: Sequence) {
         assert!(!seq.is_empty(), "a sequence needs at least one token");

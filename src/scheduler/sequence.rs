@@ -76,10 +76,6 @@ impl Sequence {
         self.token_ids.len() - self.num_prompt_tokens
     }
 
-    pub fn output_tokens(&self) -> &[u32] {
-        &self.token_ids[self.num_prompt_tokens..]
-    }
-
     pub fn block_ids(&self) -> Vec<u32> {
         self.blocks.iter().map(KvBlock::id).collect()
     }
