@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use llava_server::api::server::ServeOptions;
 use llava_server::api::state::ApiConfig;
-use llava_server::engine::EngineConfig;
+use llava_server::engine::{DecodeGraphs, EngineConfig};
 use llava_server::frontend::media::MediaPolicy;
 use llava_server::model::LoadFormat;
 
@@ -120,6 +120,9 @@ pub struct EngineArgs {
     /// Image embeddings kept by content hash.
     #[arg(long, env = "LLAVA_SERVER_IMAGE_CACHE_SIZE", default_value_t = 64)]
     pub image_cache_size: usize,
+    /// Run every step eagerly: no CUDA graphs for decode steps (as vLLM's flag).
+    #[arg(long, env = "LLAVA_SERVER_ENFORCE_EAGER")]
+    pub enforce_eager: bool,
 }
 
 #[derive(Args)]
@@ -231,6 +234,11 @@ impl ServeArgs {
                 kv_cache_memory: e.kv_cache_memory,
                 image_cache_size: e.image_cache_size,
                 eos_token_ids: Vec::new(),
+                decode_graphs: if e.enforce_eager {
+                    DecodeGraphs::Off
+                } else {
+                    DecodeGraphs::Auto
+                },
             },
             shutdown_timeout: seconds("--shutdown-timeout", self.shutdown_timeout)?,
             model,

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{ids, Fixture};
-use llava_server::engine::{self, collect_blocking, EngineConfig, EngineHandle};
+use llava_server::engine::{self, collect_blocking, DecodeGraphs, EngineConfig, EngineHandle};
 use llava_server::types::{FinishReason, SamplingParams, TokenEvent, TokenizedPrompt};
 use std::time::{Duration, Instant};
 
@@ -315,4 +315,38 @@ fn requests_the_engine_cannot_hold_are_refused() {
     assert!(err.contains("exceeds the context of 4096 tokens"), "{err}");
     engine.shutdown();
     assert!(engine.submit(prompt(&fx, "text_only"), greedy(1)).is_err());
+}
+
+/// Pure decode steps padded to fixed sizes (the inputs a CUDA graph replays) give HF's tokens, both
+/// when only the argmax is read back (greedy) and when the logits rows are (logprobs wanted).
+#[test]
+fn padded_decode_steps_equal_the_hf_reference() {
+    let fx = Fixture::load("tiny");
+    let engine = start(
+        "tiny",
+        EngineConfig {
+            num_kv_blocks: Some(512),
+            decode_graphs: DecodeGraphs::Padded,
+            ..EngineConfig::default()
+        },
+    );
+    // Six sequences decode together: a step padded from 6 to 8 rows.
+    let streams: Vec<_> = TINY_CASES
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let params = SamplingParams {
+                logprobs: (i == 0).then_some(2),
+                ..greedy(16)
+            };
+            engine.submit(prompt(&fx, n), params).unwrap()
+        })
+        .collect();
+    for (name, stream) in TINY_CASES.iter().zip(streams) {
+        let events = collect_blocking(stream).unwrap();
+        assert_eq!(tokens(&events, 0), reference(&fx, name), "{name}");
+    }
+    // 15 decode steps after the prefills, or fewer if a prefill step also decoded someone.
+    let m = wait_idle(&engine);
+    assert!(m.fixed_decode_steps >= 10, "{m:?}");
 }

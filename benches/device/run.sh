@@ -9,7 +9,10 @@ LIBS=$(python3 -c "import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],
 export LD_LIBRARY_PATH=$LIBS:${LD_LIBRARY_PATH:-}
 for f in .device/*.xz; do xz -dc "$f" > "/tmp/bin/$(basename "$f" .xz)"; chmod +x "/tmp/bin/$(basename "$f" .xz)"; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-timeout 180 /tmp/bin/serving --check --scenarios none --device cuda:0 --dtype bf16 --out "$OUT/check.md" \
+timeout 120 /tmp/bin/serving --check --scenarios none --device cuda:0 --dtype bf16 --out "$OUT/check.md" \
   2>&1 | tee "$OUT/correctness.txt"
-timeout 420 /tmp/bin/serving --model llava-1.5-7b --load-format dummy --device cuda:0 --dtype bf16 \
+timeout 300 /tmp/bin/serving --model llava-1.5-7b --load-format dummy --device cuda:0 --dtype bf16 \
   --out "$OUT/results.md" 2>&1 | tee "$OUT/serving.log"
+# S1 again without CUDA graphs: what the graphs save at batch 1.
+timeout 60 /tmp/bin/serving --model llava-1.5-7b --load-format dummy --device cuda:0 --dtype bf16 \
+  --scenarios s1 --enforce-eager --out "$OUT/results-eager.md" 2>&1 | tee "$OUT/serving-eager.log"

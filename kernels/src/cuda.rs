@@ -197,6 +197,18 @@ pub(crate) fn write_kv(
     })
 }
 
+pub(crate) fn upload_u32(
+    s: &mut CudaStorage,
+    range: std::ops::Range<usize>,
+    data: &[u32],
+) -> Result<()> {
+    let stream = s.device.cuda_stream();
+    let slice = s.as_cuda_slice_mut::<u32>()?;
+    let mut dst = slice.slice_mut(range);
+    // Stream-ordered after whatever read the buffer before, so an in-flight step is never overwritten.
+    stream.memcpy_htod(data, &mut dst).w()
+}
+
 pub(crate) fn paged_attention(
     op: &PagedAttention,
     s1: &CudaStorage,

@@ -6,6 +6,7 @@
 //! - `silu_mul`: SiLU(gate) · up;
 //! - `rotary`: HF rotate-half rotary embedding at explicit positions (cos|sin table in f32);
 //! - `write_kv`: new K/V rows into their cache slots, in place;
+//! - `upload_u32`: host data into an existing tensor, so step metadata keeps its device address;
 //! - `prefill_attention`: causal attention of a flattened batch over the paged cache;
 //! - `decode_attention`: one query per sequence over the paged cache, long contexts split in partitions.
 
@@ -15,5 +16,6 @@ mod cuda;
 mod ops;
 
 pub use ops::{
-    add_rms_norm, decode_attention, prefill_attention, rotary, silu_mul, write_kv, PagedLayout,
+    add_rms_norm, decode_attention, prefill_attention, rotary, silu_mul, upload_u32, write_kv,
+    PagedLayout,
 };

@@ -3,7 +3,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp1, InplaceOp3, Layout, Result, Shape, Tensor,
 };
 
 use crate::cpu;
@@ -217,6 +217,39 @@ impl InplaceOp3 for WriteKv {
     }
 }
 
+/// Host data copied into an existing u32 tensor: the device memory, and so every pointer a captured
+/// CUDA graph recorded, stays the same from step to step.
+pub(crate) struct UploadU32<'a>(pub &'a [u32]);
+
+impl InplaceOp1 for UploadU32<'_> {
+    fn name(&self) -> &'static str {
+        "upload-u32"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let (a, b) = upload_range(l, self.0.len())?;
+        match s {
+            CpuStorage::U32(v) => v[a..b].copy_from_slice(self.0),
+            _ => candle_core::bail!("upload target must be u32"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        let (a, b) = upload_range(l, self.0.len())?;
+        crate::cuda::upload_u32(s, a..b, self.0)
+    }
+}
+
+fn upload_range(l: &Layout, len: usize) -> Result<(usize, usize)> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if b - a == len => Ok((a, b)),
+        Some((a, b)) => candle_core::bail!("upload of {len} values into a tensor of {}", b - a),
+        None => candle_core::bail!("upload target must be contiguous"),
+    }
+}
+
 /// Where a batch's K/V live: `[seqs, max_blocks]` u32 block tables, the block size and the kv heads.
 #[derive(Debug, Clone)]
 pub struct PagedLayout {
@@ -335,6 +368,11 @@ pub fn rotary(x: &Tensor, table: &Tensor, positions: &Tensor) -> Result<Tensor> 
 /// Writes `src` rows (`[tokens, row]`) into `cache` (`[slots, row]`) at `slots` (`[tokens]` u32), in place.
 pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &Tensor) -> Result<()> {
     cache.inplace_op3(&src.contiguous()?, &slots.contiguous()?, &WriteKv)
+}
+
+/// Overwrites the contiguous u32 tensor `dst` with `data` (same length), in place.
+pub fn upload_u32(dst: &Tensor, data: &[u32]) -> Result<()> {
+    dst.inplace_op1(&UploadU32(data))
 }
 
 /// Causal attention of flattened queries `[tokens, heads, dim]` over the paged cache (`[slots, kv_heads·dim]`).

@@ -55,6 +55,7 @@ pub async fn prometheus(State(state): State<SharedState>) -> Response {
         metrics::gauge!("llava_image_encode_seconds_total").set(m.image_encode_micros as f64 / 1e6);
         gauge("llava_generated_tokens", m.generated_tokens);
         gauge("llava_engine_steps", m.steps);
+        gauge("llava_fixed_decode_steps", m.fixed_decode_steps);
     }
     let text = super::metrics_recorder().render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

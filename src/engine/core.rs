@@ -276,6 +276,7 @@ impl EngineCore {
         }
         let m = &self.metrics;
         add(&m.steps, 1);
+        add(&m.fixed_decode_steps, step.fixed_shape as u64);
         add(&m.generated_tokens, sampling.len() as u64);
         add(&m.schedule_micros, schedule_micros);
         add(&m.prepare_micros, step.prepare_micros);

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::core::{Command, EngineCore, RequestId, Submission};
+use super::fixed_decode::DecodeGraphs;
 use super::metrics::{EngineMetrics, MetricsSnapshot};
 use super::runner::ModelRunner;
 use super::EngineError;
@@ -30,6 +31,8 @@ pub struct EngineConfig {
     /// Projected image features kept by content hash.
     pub image_cache_size: usize,
     pub eos_token_ids: Vec<u32>,
+    /// Whether pure decode steps replay CUDA graphs.
+    pub decode_graphs: DecodeGraphs,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +46,7 @@ impl Default for EngineConfig {
             kv_cache_memory: 1 << 30,
             image_cache_size: 64,
             eos_token_ids: vec![2],
+            decode_graphs: DecodeGraphs::Auto,
         }
     }
 }
@@ -125,6 +129,9 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
     let (tx, rx) = mpsc::channel();
     let core_metrics = metrics.clone();
     let max_model_len = limits.max_model_len;
+    // Weights and cache were written on this thread's stream; the engine thread steps on its own.
+    model.device().synchronize()?;
+    let (ready_tx, ready) = mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("llava-engine".into())
         .spawn(move || {
@@ -137,7 +144,20 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
                 },
                 BlockPool::new(num_blocks, config.block_size),
             );
-            let runner = ModelRunner::new(model, kv_cache, config.image_cache_size);
+            let runner = match ModelRunner::new(
+                model,
+                kv_cache,
+                config.image_cache_size,
+                config.decode_graphs,
+                config.max_num_seqs,
+            ) {
+                Ok(runner) => runner,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
             EngineCore::new(
                 scheduler,
                 runner,
@@ -148,6 +168,9 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
             .run(rx);
         })
         .map_err(|e| ModelError::Config(format!("cannot start the engine thread: {e}")))?;
+    ready
+        .recv()
+        .map_err(|_| ModelError::Config("the engine thread ended while starting".into()))??;
     Ok(EngineHandle {
         commands: Arc::new(Mutex::new(Some(tx))),
         next_id: Arc::new(AtomicU64::new(0)),

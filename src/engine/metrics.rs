@@ -17,6 +17,8 @@ pub struct EngineMetrics {
     pub image_cache_hits: AtomicU64,
     pub image_encode_micros: AtomicU64,
     pub steps: AtomicU64,
+    /// Pure decode steps run through fixed-shape buffers (replayed CUDA graphs on a GPU).
+    pub fixed_decode_steps: AtomicU64,
     pub generated_tokens: AtomicU64,
     /// Whole step time, and the parts of it that are bookkeeping rather than model work.
     pub step_micros: AtomicU64,
@@ -41,6 +43,7 @@ pub struct MetricsSnapshot {
     pub image_cache_hits: u64,
     pub image_encode_micros: u64,
     pub steps: u64,
+    pub fixed_decode_steps: u64,
     pub generated_tokens: u64,
     pub step_micros: u64,
     pub schedule_micros: u64,
@@ -65,6 +68,7 @@ impl EngineMetrics {
             image_cache_hits: r(&self.image_cache_hits),
             image_encode_micros: r(&self.image_encode_micros),
             steps: r(&self.steps),
+            fixed_decode_steps: r(&self.fixed_decode_steps),
             generated_tokens: r(&self.generated_tokens),
             step_micros: r(&self.step_micros),
             schedule_micros: r(&self.schedule_micros),

@@ -3,6 +3,7 @@
 //! `runner` turns scheduler output into model inputs; `sampler` picks tokens.
 
 pub mod core;
+pub mod fixed_decode;
 pub mod handle;
 pub mod inputs;
 pub mod metrics;
@@ -10,6 +11,7 @@ pub mod runner;
 pub mod sampler;
 pub mod single_sequence;
 
+pub use fixed_decode::DecodeGraphs;
 pub use handle::{start, EngineConfig, EngineHandle, RequestStream};
 pub use metrics::MetricsSnapshot;
 

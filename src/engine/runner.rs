@@ -7,8 +7,10 @@ use candle_core::Tensor;
 use std::collections::HashMap;
 use std::time::Instant;
 
+use super::fixed_decode::{DecodeGraphs, FixedDecode};
 use super::inputs::{image_rows_in_range, pixel_values};
 use crate::model::attention::SequenceStep;
+use crate::model::static_decode::DecodeRow;
 use crate::model::{AttentionMetadata, ForwardInput, KvCache, LlavaModel, ModelError};
 use crate::scheduler::{ScheduledSeq, SeqImage};
 use crate::types::{ImageSpan, ProcessedImage};
@@ -67,6 +69,8 @@ pub struct ModelRunner {
     model: LlavaModel,
     kv_cache: KvCache,
     image_cache: ImageEmbeddingCache,
+    /// Pure decode steps through fixed-shape buffers (CUDA graphs on a GPU); `None`: always eager.
+    fixed_decode: Option<FixedDecode>,
 }
 
 /// What a step hands the sampler: each sampling sequence's logits, or (all greedy, on a GPU) the
@@ -82,11 +86,21 @@ pub struct StepOutput {
     pub images: StepImageStats,
     pub prepare_micros: u64,
     pub forward_micros: u64,
+    /// The step ran through the fixed-shape decode buffers (a CUDA graph on a GPU).
+    pub fixed_shape: bool,
 }
 
 impl ModelRunner {
-    pub fn new(model: LlavaModel, kv_cache: KvCache, image_cache_size: usize) -> Self {
-        Self {
+    /// Captures the decode graphs `decode_graphs` asks for; must run on the thread that will step.
+    pub fn new(
+        model: LlavaModel,
+        kv_cache: KvCache,
+        image_cache_size: usize,
+        decode_graphs: DecodeGraphs,
+        max_num_seqs: usize,
+    ) -> Result<Self, ModelError> {
+        let fixed_decode = FixedDecode::new(decode_graphs, &model, &kv_cache, max_num_seqs)?;
+        Ok(Self {
             model,
             kv_cache,
             image_cache: ImageEmbeddingCache {
@@ -94,7 +108,8 @@ impl ModelRunner {
                 capacity: image_cache_size,
                 clock: 0,
             },
-        }
+            fixed_decode,
+        })
     }
 
     /// Features of every image overlapping a scheduled range, encoding the uncached ones in one batch.
@@ -147,6 +162,17 @@ impl ModelRunner {
         greedy_only: bool,
     ) -> Result<StepOutput, ModelError> {
         let started = Instant::now();
+        if let (Some(fixed), Some(rows)) = (&self.fixed_decode, decode_rows(batch)) {
+            if let Some(logits) = fixed.execute(&rows, greedy_only, &self.model, &self.kv_cache)? {
+                return Ok(StepOutput {
+                    logits,
+                    images: StepImageStats::default(),
+                    prepare_micros: 0,
+                    forward_micros: started.elapsed().as_micros() as u64,
+                    fixed_shape: true,
+                });
+            }
+        }
         let mut images = StepImageStats::default();
         let features = self.image_features(batch, &mut images)?;
         let device = self.model.device().clone();
@@ -224,6 +250,7 @@ impl ModelRunner {
             images,
             prepare_micros,
             forward_micros: forward_started.elapsed().as_micros() as u64,
+            fixed_shape: false,
         })
     }
 
@@ -244,6 +271,23 @@ impl ModelRunner {
             &self.kv_cache,
         )
     }
+}
+
+/// The step as decode rows when every sequence samples after exactly one new text token.
+fn decode_rows<'a>(batch: &[BatchEntry<'a>]) -> Option<Vec<DecodeRow<'a>>> {
+    batch
+        .iter()
+        .map(|entry| {
+            let s = entry.scheduled;
+            let (start, end) = range(s);
+            let text = !entry.images.iter().any(|img| img.overlaps(start, end));
+            (s.num_new == 1 && s.sample && text).then(|| DecodeRow {
+                token: entry.token_ids[start],
+                position: start,
+                block_table: &s.block_ids,
+            })
+        })
+        .collect()
 }
 
 fn range(s: &ScheduledSeq) -> (usize, usize) {

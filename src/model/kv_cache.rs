@@ -1,6 +1,7 @@
 //! The paged KV cache: per layer one preallocated pool of `num_blocks × block_size` slots for keys and
 //! one for values. Which slots a sequence owns is the scheduler's business; the model only writes the
-//! slots it is told to and reads back through block tables.
+//! slots it is told to and reads back through block tables. One block more than the pool hands out is
+//! allocated: the scratch block, where the padding rows of fixed-shape decode steps write their K/V.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -15,8 +16,14 @@ pub struct KvCacheShape {
 }
 
 impl KvCacheShape {
+    /// Slots allocated per layer: the pool's blocks plus the scratch block.
     pub fn num_slots(&self) -> usize {
-        self.num_blocks * self.block_size
+        (self.num_blocks + 1) * self.block_size
+    }
+
+    /// The block no sequence ever owns (the scheduler's pool ids stop before it).
+    pub fn scratch_block(&self) -> u32 {
+        self.num_blocks as u32
     }
 
     /// Bytes of keys plus values for one token across all layers.

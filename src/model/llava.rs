@@ -188,4 +188,16 @@ impl LlavaModel {
         let rows = hidden.index_select(input.logits_rows, 0)?;
         Ok(self.decoder.logits(&rows)?.to_dtype(DType::F32)?)
     }
+
+    /// A text-only step in which every row wants its logits (a decode step): f32 `[num_tokens, vocab]`.
+    pub fn decode_logits(
+        &self,
+        token_ids: &Tensor,
+        attention: &AttentionMetadata,
+        kv_cache: &KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let embeds = self.decoder.embed(token_ids)?;
+        let hidden = self.decoder.forward_hidden(&embeds, attention, kv_cache)?;
+        Ok(self.decoder.logits(&hidden)?.to_dtype(DType::F32)?)
+    }
 }

@@ -6,12 +6,15 @@ pub mod attention;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_graph;
 pub mod dummy;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod llava;
 pub mod projector;
+pub mod static_decode;
 
 pub use attention::{AttentionMetadata, SequenceAttention};
 pub use checkpoint::{resolve_checkpoint, CheckpointDir};
@@ -110,7 +113,15 @@ pub fn parse_device(spec: &str) -> Result<candle_core::Device, ModelError> {
                 .transpose()
                 .map_err(|_| ModelError::Config(format!("bad device {s:?}: want cuda:N")))?
                 .unwrap_or(0);
-            Ok(candle_core::Device::new_cuda(ordinal)?)
+            let device = candle_core::Device::new_cuda(ordinal)?;
+            #[cfg(feature = "cuda")]
+            if let candle_core::Device::Cuda(cuda) = &device {
+                // SAFETY: cudarc synchronises through these per-allocation events only once a second
+                // stream is created with `new_stream`, which nothing here does; until then each tensor
+                // creates and destroys two events for nothing, hundreds of driver calls per step.
+                unsafe { cuda.disable_event_tracking() };
+            }
+            Ok(device)
         }
         other => Err(ModelError::Config(format!(
             "unknown device {other:?}: use cpu or cuda:N"
