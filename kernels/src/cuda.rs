@@ -226,8 +226,9 @@ pub(crate) fn paged_attention(
     let sfx = suffix(s1.dtype())?;
     let max_blocks = op.paged.block_tables.dim(1)? as i32;
     let (kv_heads, block_size) = (op.paged.num_kv_heads as i32, op.paged.block_size as i32);
-    let warps = |items: usize| LaunchConfig {
-        grid_dim: (items.div_ceil(WARPS_PER_BLOCK as usize) as u32, 1, 1),
+    // One block per (query, head[, partition]); its warps share the positions.
+    let blocks = |items: usize| LaunchConfig {
+        grid_dim: (items as u32, 1, 1),
         block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -250,7 +251,7 @@ pub(crate) fn paged_attention(
                         b.arg(&out);
                         candle_core::builder_arg!(b, n as i32, heads as i32, kv_heads, block_size, op.scale);
                         // SAFETY: argument list matches prefill_attention_* in attention.cu.
-                        unsafe { b.launch(warps(n * heads)) }.w()?;
+                        unsafe { b.launch(blocks(n * heads)) }.w()?;
                         Ok(())
                     })
                 })?,
@@ -273,7 +274,7 @@ pub(crate) fn paged_attention(
                     b.arg(&sm);
                     candle_core::builder_arg!(b, n as i32, heads as i32, kv_heads, block_size, parts as i32, op.scale);
                     // SAFETY: argument list matches decode_attention_partial_* in attention.cu.
-                    unsafe { b.launch(warps(items)) }.w()?;
+                    unsafe { b.launch(blocks(items)) }.w()?;
                     let merge = dev.get_or_load_custom_func(&format!("decode_attention_merge_{sfx}_d{dim}"), "llava_attention", ATTENTION)?;
                     let mut b = merge.builder();
                     b.arg(&acc);

@@ -1,51 +1,115 @@
 // Attention over the paged KV cache. The cache is [slots, kv_heads, head_dim]; the slot of position
 // `p` of sequence `s` is block_tables[s][p / block_size] * block_size + p % block_size.
 //
-// One warp per (query, head[, partition]): lanes split head_dim (HEAD_DIM / 32 values each), a warp
-// reduction gives each score, and an online softmax accumulates values in registers. Decode splits
-// long contexts into partitions of PARTITION tokens across blocks and merges them in a second kernel.
+// One block of 4 warps per (query, head[, partition]). Each warp splits into 4 groups of 8 lanes and
+// each group reads one position at a time (a lane holds HEAD_DIM / 8 values), so 16 positions are in
+// flight per block: a lone decode query is not left waiting on one load after another. Every group
+// keeps an online softmax; the block merges the 16 states at the end. Decode splits long contexts
+// into partitions of PARTITION tokens across blocks and merges those in a second kernel.
 #include "common.cuh"
 #include <float.h>
 
 #define PARTITION 512
 #define WARPS_PER_BLOCK 4
+#define GROUP_LANES 8
+#define GROUPS (32 / GROUP_LANES)
+#define STREAMS (WARPS_PER_BLOCK * GROUPS)
 
 template <typename T, int HEAD_DIM>
 struct Attend {
-  static constexpr int PER_LANE = HEAD_DIM / 32;
+  static constexpr int PER_LANE = HEAD_DIM / GROUP_LANES;
   float q[PER_LANE];
   float acc[PER_LANE];
   float max_score = -FLT_MAX;
   float sum = 0.f;
 
+  __device__ static int sub() { return threadIdx.x & (GROUP_LANES - 1); }
+  __device__ static int group() { return (threadIdx.x & 31) / GROUP_LANES; }
+  __device__ static int warp() { return threadIdx.x >> 5; }
+
   __device__ void load_query(const T* qrow, float scale) {
-    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int j = 0; j < PER_LANE; ++j) {
-      q[j] = to_float(qrow[lane * PER_LANE + j]) * scale;
+      q[j] = to_float(qrow[sub() * PER_LANE + j]) * scale;
       acc[j] = 0.f;
     }
   }
 
-  // Keys/values at positions [begin, end) of one sequence, kv head `kvh`.
+  // Keys/values at positions [begin, end) of one sequence, kv head `kvh`. Group g of warp w takes
+  // positions begin + w * GROUPS + g, then every STREAMS-th. The loop bound depends on the warp only,
+  // so every lane reaches the shuffles; a group past the end just skips its update.
   __device__ void run(const T* k_cache, const T* v_cache, const uint32_t* table, int block_size,
                       int kv_heads, int kvh, int begin, int end) {
-    const int lane = threadIdx.x & 31;
-    for (int pos = begin; pos < end; ++pos) {
-      const size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
-      const size_t base = (slot * kv_heads + kvh) * HEAD_DIM + lane * PER_LANE;
+    for (int first = begin + warp() * GROUPS; first < end; first += STREAMS) {
+      const int pos = first + group();
+      const bool valid = pos < end;
+      size_t base = 0;
       float dot = 0.f;
+      if (valid) {
+        const size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
+        base = (slot * kv_heads + kvh) * HEAD_DIM + sub() * PER_LANE;
 #pragma unroll
-      for (int j = 0; j < PER_LANE; ++j) dot += q[j] * to_float(k_cache[base + j]);
-      const float score = warp_sum(dot);
-      const float new_max = fmaxf(max_score, score);
-      const float correction = __expf(max_score - new_max);
-      const float p = __expf(score - new_max);
-      sum = sum * correction + p;
+        for (int j = 0; j < PER_LANE; ++j) dot += q[j] * to_float(k_cache[base + j]);
+      }
 #pragma unroll
-      for (int j = 0; j < PER_LANE; ++j) acc[j] = acc[j] * correction + p * to_float(v_cache[base + j]);
-      max_score = new_max;
+      for (int o = GROUP_LANES / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      if (valid) {
+        const float new_max = fmaxf(max_score, dot);
+        const float correction = __expf(max_score - new_max);
+        const float p = __expf(dot - new_max);
+        sum = sum * correction + p;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) acc[j] = acc[j] * correction + p * to_float(v_cache[base + j]);
+        max_score = new_max;
+      }
     }
+  }
+
+  // Merges the block's STREAMS states. Afterwards thread d < HEAD_DIM finds the block's softmax
+  // numerator for dim d (relative to the block max) with `numerator(d)`, and the block max and
+  // denominator in `block_max` / `block_sum`. Every thread of the block must call it.
+  float* s_acc;
+  float* s_max;
+  float* s_sum;
+  float block_max = -FLT_MAX;
+  float block_den = 0.f;
+
+  __device__ void merge(float* shared_acc, float* shared_max, float* shared_sum) {
+    s_acc = shared_acc;
+    s_max = shared_max;
+    s_sum = shared_sum;
+    // The warp's 4 groups: lanes with the same `sub` hold the same dims (xor 8 and 16 keep `sub`).
+    float m = max_score;
+#pragma unroll
+    for (int o = GROUP_LANES; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const float f = __expf(max_score - m);
+    float s = sum * f;
+#pragma unroll
+    for (int o = GROUP_LANES; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+      float a = acc[j] * f;
+#pragma unroll
+      for (int o = GROUP_LANES; o < 32; o <<= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+      acc[j] = a;
+    }
+    if (group() == 0) {
+#pragma unroll
+      for (int j = 0; j < PER_LANE; ++j) s_acc[warp() * HEAD_DIM + sub() * PER_LANE + j] = acc[j];
+    }
+    if ((threadIdx.x & 31) == 0) {
+      s_max[warp()] = m;
+      s_sum[warp()] = s;
+    }
+    __syncthreads();
+    for (int w = 0; w < WARPS_PER_BLOCK; ++w) block_max = fmaxf(block_max, s_max[w]);
+    for (int w = 0; w < WARPS_PER_BLOCK; ++w) block_den += __expf(s_max[w] - block_max) * s_sum[w];
+  }
+
+  __device__ float numerator(int d) const {
+    float num = 0.f;
+    for (int w = 0; w < WARPS_PER_BLOCK; ++w) num += __expf(s_max[w] - block_max) * s_acc[w * HEAD_DIM + d];
+    return num;
   }
 };
 
@@ -55,30 +119,35 @@ template <typename T, int D>
 __device__ void prefill(const T* q, const T* k_cache, const T* v_cache, const uint32_t* positions,
                         const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks, T* out,
                         int tokens, int heads, int kv_heads, int block_size, float scale) {
-  const int item = blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5);
-  if (item >= tokens * heads) return;
+  __shared__ float s_acc[WARPS_PER_BLOCK * D];
+  __shared__ float s_max[WARPS_PER_BLOCK];
+  __shared__ float s_sum[WARPS_PER_BLOCK];
+  const int item = blockIdx.x;
+  if (item >= tokens * heads) return;  // the same for the whole block
   const int token = item / heads, head = item % heads;
   const int kvh = head / (heads / kv_heads);
   Attend<T, D> a;
   a.load_query(q + (size_t)item * D, scale);
   a.run(k_cache, v_cache, block_tables + (size_t)token_seq[token] * max_blocks, block_size, kv_heads, kvh, 0,
         positions[token] + 1);
-  const int lane = threadIdx.x & 31;
-  const float inv = 1.f / a.sum;
-#pragma unroll
-  for (int j = 0; j < Attend<T, D>::PER_LANE; ++j)
-    out[(size_t)item * D + lane * Attend<T, D>::PER_LANE + j] = from_float<T>(a.acc[j] * inv);
+  a.merge(s_acc, s_max, s_sum);
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    out[(size_t)item * D + d] = from_float<T>(a.numerator(d) / a.block_den);
 }
 
 // Decode, pass 1: one query per sequence; partition `part` covers [part * PARTITION, ...) of its context.
-// Partial results: acc [seqs, heads, parts, D] (unnormalised), max and sum [seqs, heads, parts].
+// Partial results: acc [seqs, heads, parts, D] (relative to the partition's max), max and sum
+// [seqs, heads, parts]; an empty partition leaves sum 0, which the merge skips.
 template <typename T, int D>
 __device__ void decode_partial(const T* q, const T* k_cache, const T* v_cache, const uint32_t* context_lens,
                                const uint32_t* block_tables, int max_blocks, float* part_acc, float* part_max,
                                float* part_sum, int seqs, int heads, int kv_heads, int block_size, int parts,
                                float scale) {
-  const int item = blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5);
-  if (item >= seqs * heads * parts) return;
+  __shared__ float s_acc[WARPS_PER_BLOCK * D];
+  __shared__ float s_max[WARPS_PER_BLOCK];
+  __shared__ float s_sum[WARPS_PER_BLOCK];
+  const int item = blockIdx.x;
+  if (item >= seqs * heads * parts) return;  // the same for the whole block
   const int part = item % parts, sh = item / parts;
   const int seq = sh / heads, head = sh % heads;
   const int kvh = head / (heads / kv_heads);
@@ -86,15 +155,12 @@ __device__ void decode_partial(const T* q, const T* k_cache, const T* v_cache, c
   const int begin = part * PARTITION, end = min(len, begin + PARTITION);
   Attend<T, D> a;
   a.load_query(q + (size_t)sh * D, scale);
-  if (begin < end)
-    a.run(k_cache, v_cache, block_tables + (size_t)seq * max_blocks, block_size, kv_heads, kvh, begin, end);
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int j = 0; j < Attend<T, D>::PER_LANE; ++j)
-    part_acc[(size_t)item * D + lane * Attend<T, D>::PER_LANE + j] = a.acc[j];
-  if (lane == 0) {
-    part_max[item] = a.max_score;
-    part_sum[item] = a.sum;
+  a.run(k_cache, v_cache, block_tables + (size_t)seq * max_blocks, block_size, kv_heads, kvh, begin, end);
+  a.merge(s_acc, s_max, s_sum);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) part_acc[(size_t)item * D + d] = a.numerator(d);
+  if (threadIdx.x == 0) {
+    part_max[item] = a.block_max;
+    part_sum[item] = a.block_den;
   }
 }
 
@@ -105,7 +171,8 @@ __device__ void decode_merge(const float* part_acc, const float* part_max, const
   const int sh = blockIdx.x;
   if (sh >= seqs_heads) return;
   float m = -FLT_MAX;
-  for (int p = 0; p < parts; ++p) m = fmaxf(m, part_max[sh * parts + p]);
+  for (int p = 0; p < parts; ++p)
+    if (part_sum[sh * parts + p] > 0.f) m = fmaxf(m, part_max[sh * parts + p]);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float num = 0.f, den = 0.f;
     for (int p = 0; p < parts; ++p) {
