@@ -67,25 +67,40 @@ fn elementwise_kernels_match_the_cpu_reference() {
             rel_err(&got, &want)
         );
 
-        let (g, u) = (randn(&[37, 11008]), randn(&[37, 11008]));
-        let want = k::silu_mul(&g, &u).unwrap();
+        let gate_up = randn(&[37, 2 * 11008]);
+        let want = k::silu_mul(&gate_up).unwrap();
         poison(&dev);
-        let got = k::silu_mul(&on(&g), &on(&u)).unwrap();
+        let got = k::silu_mul(&on(&gate_up)).unwrap();
         assert!(rel_err(&got, &want) <= tol, "silu_mul {dtype:?}");
 
-        let x = randn(&[37, 32, 128]);
+        // Merged qkv rows of a GQA layer: 32 q heads, 8 kv heads of 128.
+        let qkv = randn(&[37, (32 + 2 * 8) * 128]);
         let angles = randn(&[4096, 64]);
         let table = Tensor::cat(&[&angles.cos().unwrap(), &angles.sin().unwrap()], 1).unwrap();
         let pos: Vec<u32> = (0..37).map(|i| (i * 97) % 4096).collect();
         let pos = Tensor::new(pos, &Device::Cpu).unwrap();
-        let want = k::rotary(&x, &table, &pos).unwrap();
+        let (want_q, want_k) = k::rotary_qk(&qkv, &table, &pos, 32, 8).unwrap();
         poison(&dev);
-        let got = k::rotary(
-            &on(&x),
+        let (got_q, got_k) = k::rotary_qk(
+            &on(&qkv),
             &table.to_device(&dev).unwrap(),
             &pos.to_device(&dev).unwrap(),
+            32,
+            8,
         )
         .unwrap();
+        let (got, want) = (
+            Tensor::cat(
+                &[got_q.flatten_all().unwrap(), got_k.flatten_all().unwrap()],
+                0,
+            )
+            .unwrap(),
+            Tensor::cat(
+                &[want_q.flatten_all().unwrap(), want_k.flatten_all().unwrap()],
+                0,
+            )
+            .unwrap(),
+        );
         assert!(rel_err(&got, &want) <= tol, "rotary {dtype:?}");
     }
 }
@@ -172,12 +187,14 @@ fn write_kv_writes_exactly_its_slots() {
         .unwrap();
     let src = randn(&[3, 256]);
     let slots = Tensor::new(&[5u32, 0, 63], &dev).unwrap();
-    k::write_kv(
-        &cache,
-        &src.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap(),
-        &slots,
-    )
-    .unwrap();
+    // The rows as a column slice of wider rows (as v is of the merged qkv rows), read in place.
+    let wide = Tensor::cat(&[&randn(&[3, 40]), &src], 1)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_device(&dev)
+        .unwrap();
+    k::write_kv(&cache, &wide.narrow(1, 40, 256).unwrap(), &slots).unwrap();
     let cache = cache
         .to_device(&Device::Cpu)
         .unwrap()
@@ -398,11 +415,11 @@ fn decode_graphs_replay_what_eager_steps_compute() {
 /// Runs every check; panics on the first failure.
 pub fn run_all() {
     elementwise_kernels_match_the_cpu_reference();
-    println!("ok: add_rms_norm, silu_mul, rotary (bf16 ≤ 1e-2, f16 ≤ 1e-3)");
+    println!("ok: add_rms_norm, silu_mul, rotary_qk (bf16 ≤ 1e-2, f16 ≤ 1e-3)");
     attention_kernels_match_the_cpu_reference();
     println!("ok: prefill and decode attention (head dims 64/128, GQA, 3 partitions)");
     write_kv_writes_exactly_its_slots();
-    println!("ok: write_kv");
+    println!("ok: write_kv (strided source rows)");
     tiny_fixtures_in_bf16_agree_with_hf_greedy_tokens();
     println!("ok: tiny fixtures end to end in bf16");
     decode_graphs_replay_what_eager_steps_compute();

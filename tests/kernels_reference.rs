@@ -154,6 +154,11 @@ fn write_kv_matches_the_reference_path() {
     write_kv(&a, &va, &src, &src, &slots).unwrap();
     k::write_kv(&b, &src.reshape((3, 8)).unwrap(), &slots).unwrap();
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    // The same rows as a column slice of wider rows (the v part of merged qkv rows), read in place.
+    let wide = Tensor::cat(&[&randn(&[3, 5]), &src.reshape((3, 8)).unwrap()], 1).unwrap();
+    let c = a.zeros_like().unwrap();
+    k::write_kv(&c, &wide.narrow(1, 5, 8).unwrap(), &slots).unwrap();
+    assert_eq!(a.to_vec2::<f32>().unwrap(), c.to_vec2::<f32>().unwrap());
     assert!(
         b.get(5)
             .unwrap()
@@ -184,23 +189,37 @@ fn fused_elementwise_ops_match_candle() {
 
     let (g, u) = (randn(&[5, 344]), randn(&[5, 344]));
     let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
-    assert!(rel_err(&k::silu_mul(&g, &u).unwrap(), &want) < 1e-6);
+    let gate_up = Tensor::cat(&[&g, &u], 1).unwrap();
+    assert!(rel_err(&k::silu_mul(&gate_up).unwrap(), &want) < 1e-6);
 
-    // Rotary: the same cos|sin table as candle's rope_thd at gathered positions.
-    let (tokens, heads, dim, max_pos) = (7, 3, 64, 50);
-    let x = randn(&[tokens, heads, dim]);
+    // Rotary of the q and k heads of merged qkv rows: the same cos|sin table as candle's rope_thd at
+    // gathered positions, v untouched.
+    let (tokens, q_heads, kv_heads, dim, max_pos) = (7, 4, 2, 64, 50);
+    let qkv = randn(&[tokens, (q_heads + 2 * kv_heads) * dim]);
     let angles = randn(&[max_pos, dim / 2]);
     let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
     let table = Tensor::cat(&[&cos, &sin], 1).unwrap();
     let positions = Tensor::new(&[0u32, 3, 9, 49, 1, 2, 3], &Device::Cpu).unwrap();
-    let got = k::rotary(&x, &table, &positions).unwrap();
-    let want = candle_nn::rotary_emb::rope_thd(
-        &x.unsqueeze(0).unwrap(),
-        &cos.index_select(&positions, 0).unwrap(),
-        &sin.index_select(&positions, 0).unwrap(),
-    )
-    .unwrap()
-    .squeeze(0)
-    .unwrap();
+    let (q, k) = k::rotary_qk(&qkv, &table, &positions, q_heads, kv_heads).unwrap();
+    let rope = |start: usize, heads: usize| {
+        let x = qkv
+            .narrow(1, start * dim, heads * dim)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((1, tokens, heads, dim))
+            .unwrap();
+        candle_nn::rotary_emb::rope_thd(
+            &x,
+            &cos.index_select(&positions, 0).unwrap(),
+            &sin.index_select(&positions, 0).unwrap(),
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+    };
+    assert!(rel_err(&q, &rope(0, q_heads)) < 1e-6);
+    let got = k;
+    let want = rope(q_heads, kv_heads);
     assert!(rel_err(&got, &want) < 1e-6);
 }

@@ -71,7 +71,8 @@ fn padding_rows_write_only_the_scratch_block_and_change_no_result() {
     let out = step.run(model, &padded_kv).unwrap();
     let want = unpadded_logits(model, &plain_kv, &rows);
     let got = out.logits.narrow(0, 0, 2).unwrap();
-    assert_close("padded vs unpadded logits", &got, &want, 1e-5);
+    // Same tolerance as the HF parity checks: GEMMs over 4 rows instead of 2 may sum in another order.
+    assert_close("padded vs unpadded logits", &got, &want, 1e-4);
     assert_eq!(
         out.argmax_rows(2).unwrap(),
         want.argmax(1).unwrap().to_vec1::<u32>().unwrap()
@@ -80,12 +81,26 @@ fn padding_rows_write_only_the_scratch_block_and_change_no_result() {
     let (padded, plain) = (cache_rows(&padded_kv), cache_rows(&plain_kv));
     let slots = (blocks + 1) * BLOCK;
     let scratch = blocks * BLOCK;
+    let real = [5 * BLOCK, 2 * BLOCK];
     for (i, (p, q)) in padded.iter().zip(&plain).enumerate() {
         let slot = i % slots;
         if slot >= scratch {
             continue;
         }
-        assert_eq!(p, q, "slot {slot} differs outside the scratch block");
+        if real.contains(&slot) {
+            // K/V of the real rows: GEMMs over 4 rows instead of 2 may sum in another order.
+            let diff = p
+                .iter()
+                .zip(q)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-4, "slot {slot}: {diff}");
+        } else {
+            assert!(
+                p.iter().all(|&x| x == 0.0),
+                "slot {slot} written by padding"
+            );
+        }
     }
     for written in [5 * BLOCK, 2 * BLOCK, scratch] {
         assert!(

@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfi
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
-use crate::ops::{AddRmsNorm, PagedAttention, Queries, Rotary};
+use crate::ops::{strided_rows, AddRmsNorm, PagedAttention, Queries, RotaryQk};
 
 const ELEMENTWISE: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
@@ -109,57 +109,64 @@ pub(crate) fn add_rms_norm(
 pub(crate) fn silu_mul(
     s1: &CudaStorage,
     l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
+    rows: usize,
+    cols: usize,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device.clone();
-    let n = l1.shape().elem_count();
     let func = dev.get_or_load_custom_func(
         &format!("silu_mul_{}", suffix(s1.dtype())?),
         "llava_elementwise",
         ELEMENTWISE,
     )?;
     by_dtype!(s1.dtype(), T => {
-        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
-        let (g, u) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?);
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * cols)? };
+        let gate_up = view::<T>(s1, l1)?;
         let mut b = func.builder();
-        b.arg(&g);
-        b.arg(&u);
+        b.arg(&gate_up);
         b.arg(&out);
-        candle_core::builder_arg!(b, n);
+        candle_core::builder_arg!(b, rows, cols as i32);
         // SAFETY: argument list matches silu_mul_* in elementwise.cu.
-        unsafe { b.launch(grid_for(n)) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+        unsafe { b.launch(grid_for(rows * cols)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((rows, cols))))
     })
 }
 
-pub(crate) fn rotary(
-    op: &Rotary,
+pub(crate) fn rotary_qk(
+    op: &RotaryQk,
     s1: &CudaStorage,
     l1: &Layout,
     s2: &CudaStorage,
     l2: &Layout,
+    tokens: usize,
+    dim: usize,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device.clone();
-    let (tokens, heads, dim) = l1.shape().dims3()?;
+    let heads = op.q_heads + op.kv_heads;
     let func = dev.get_or_load_custom_func(
-        &format!("rotary_{}", suffix(s1.dtype())?),
+        &format!("rotary_qk_{}", suffix(s1.dtype())?),
         "llava_elementwise",
         ELEMENTWISE,
     )?;
     with_u32(&op.positions, |positions| {
         by_dtype!(s1.dtype(), T => {
-            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(tokens * heads * dim)? };
-            let (x, table) = (view::<T>(s1, l1)?, view::<f32>(s2, l2)?);
+            let len = tokens * heads * dim;
+            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(len)? };
+            let (qkv, table) = (view::<T>(s1, l1)?, view::<f32>(s2, l2)?);
             let mut b = func.builder();
-            b.arg(&x);
+            b.arg(&qkv);
             b.arg(&table);
             b.arg(&positions);
             b.arg(&out);
-            candle_core::builder_arg!(b, tokens as i32, heads as i32, dim as i32);
-            // SAFETY: argument list matches rotary_* in elementwise.cu.
-            unsafe { b.launch(grid_for(tokens * heads * dim / 2)) }.w()?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()))
+            candle_core::builder_arg!(
+                b,
+                tokens as i32,
+                op.q_heads as i32,
+                op.kv_heads as i32,
+                dim as i32
+            );
+            // SAFETY: argument list matches rotary_qk_* in elementwise.cu.
+            unsafe { b.launch(grid_for(len / 2)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(len)))
         })
     })
 }
@@ -174,7 +181,7 @@ pub(crate) fn write_kv(
 ) -> Result<()> {
     let dev = s1.device.clone();
     let row = l1.shape().dims2()?.1;
-    let tokens = l2.shape().elem_count() / row;
+    let rows = strided_rows(l2, row)?;
     let func = dev.get_or_load_custom_func(
         &format!("write_kv_{}", suffix(s1.dtype())?),
         "llava_attention",
@@ -182,7 +189,7 @@ pub(crate) fn write_kv(
     )?;
     let slots = view::<u32>(s3, l3)?;
     by_dtype!(s1.dtype(), T => {
-        let src = view::<T>(s2, l2)?;
+        let src = s2.as_cuda_slice::<T>()?.slice(rows.start..);
         let start = l1.start_offset();
         let cache = s1.as_cuda_slice_mut::<T>()?;
         let mut cache = cache.slice_mut(start..);
@@ -190,9 +197,10 @@ pub(crate) fn write_kv(
         b.arg(&mut cache);
         b.arg(&src);
         b.arg(&slots);
-        candle_core::builder_arg!(b, tokens as i32, row as i32);
-        // SAFETY: argument list matches write_kv_* in attention.cu; slots index inside the cache.
-        unsafe { b.launch(grid_for(tokens * row)) }.w()?;
+        candle_core::builder_arg!(b, rows.rows as i32, row as i32, rows.stride as i32);
+        // SAFETY: argument list matches write_kv_* in attention.cu; slots index inside the cache, and
+        // the last source row ends inside `src` (`strided_rows` read it from a valid layout).
+        unsafe { b.launch(grid_for(rows.rows * row)) }.w()?;
         Ok(())
     })
 }

@@ -3,9 +3,10 @@
 //! from `src/cuda/*.cu`.
 //!
 //! - `add_rms_norm`: residual add + RMSNorm in one pass, returning both the normed rows and the sum;
-//! - `silu_mul`: SiLU(gate) · up;
-//! - `rotary`: HF rotate-half rotary embedding at explicit positions (cos|sin table in f32);
-//! - `write_kv`: new K/V rows into their cache slots, in place;
+//! - `silu_mul`: SiLU(gate) · up over the merged gate/up projection;
+//! - `rotary_qk`: HF rotate-half rotary embedding of the q and k heads of the merged qkv projection at
+//!   explicit positions (cos|sin table in f32);
+//! - `write_kv`: new K/V rows (contiguous, or a column slice of the qkv rows) into their cache slots;
 //! - `upload_u32`: host data into an existing tensor, so step metadata keeps its device address;
 //! - `prefill_attention`: causal attention of a flattened batch over the paged cache;
 //! - `decode_attention`: one query per sequence over the paged cache, long contexts split in partitions.
@@ -16,6 +17,6 @@ mod cuda;
 mod ops;
 
 pub use ops::{
-    add_rms_norm, decode_attention, prefill_attention, rotary, silu_mul, upload_u32, write_kv,
+    add_rms_norm, decode_attention, prefill_attention, rotary_qk, silu_mul, upload_u32, write_kv,
     PagedLayout,
 };

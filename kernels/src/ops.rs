@@ -3,7 +3,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp1, InplaceOp3, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp1, InplaceOp3, Layout, Result,
+    Shape, Tensor,
 };
 
 use crate::cpu;
@@ -16,6 +17,49 @@ pub(crate) fn f32s(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
         CpuStorage::F32(v) => v[start..end].to_vec(),
         CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
         CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        _ => candle_core::bail!("kernels take f32, f16 or bf16"),
+    })
+}
+
+/// A `[rows, cols]` operand whose rows may lie `stride` elements apart: a column slice (`narrow` on
+/// dim 1) of a merged projection, read in place instead of copied out first.
+pub(crate) struct Rows {
+    pub start: usize,
+    pub rows: usize,
+    pub stride: usize,
+}
+
+pub(crate) fn strided_rows(l: &Layout, cols: usize) -> Result<Rows> {
+    if let Some((a, b)) = l.contiguous_offsets() {
+        if cols > 0 && (b - a) % cols == 0 {
+            return Ok(Rows {
+                start: a,
+                rows: (b - a) / cols,
+                stride: cols,
+            });
+        }
+    }
+    match (l.dims(), l.stride()) {
+        (&[rows, c], &[stride, 1]) if c == cols && stride >= cols => Ok(Rows {
+            start: l.start_offset(),
+            rows,
+            stride,
+        }),
+        _ => candle_core::bail!("want rows of {cols} contiguous values, got {l:?}"),
+    }
+}
+
+/// The rows of `r` as one contiguous f32 vector.
+fn f32_rows(s: &CpuStorage, r: &Rows, cols: usize) -> Result<Vec<f32>> {
+    fn gather<T: Copy>(v: &[T], r: &Rows, cols: usize, f: impl Fn(T) -> f32) -> Vec<f32> {
+        (0..r.rows)
+            .flat_map(|i| v[r.start + i * r.stride..][..cols].iter().map(|&x| f(x)))
+            .collect()
+    }
+    Ok(match s {
+        CpuStorage::F32(v) => gather(v, r, cols, |x| x),
+        CpuStorage::F16(v) => gather(v, r, cols, |x| x.to_f32()),
+        CpuStorage::BF16(v) => gather(v, r, cols, |x| x.to_f32()),
         _ => candle_core::bail!("kernels take f32, f16 or bf16"),
     })
 }
@@ -88,22 +132,23 @@ impl CustomOp3 for AddRmsNorm {
     }
 }
 
+/// SiLU(gate) · up over `[rows, 2·cols]` rows holding the gate then the up projection.
 pub(crate) struct SiluMul;
 
-impl CustomOp2 for SiluMul {
+impl CustomOp1 for SiluMul {
     fn name(&self) -> &'static str {
         "silu-mul"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = cpu::silu_mul(&f32s(s1, l1)?, &f32s(s2, l2)?);
-        Ok((storage(out, s1.dtype())?, l1.shape().clone()))
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, cols) = merged_halves(l1)?;
+        let x = f32s(s1, l1)?;
+        let (gate, up): (Vec<f32>, Vec<f32>) = x
+            .chunks(2 * cols)
+            .flat_map(|r| r[..cols].iter().copied().zip(r[cols..].iter().copied()))
+            .unzip();
+        let out = cpu::silu_mul(&gate, &up);
+        Ok((storage(out, s1.dtype())?, Shape::from((rows, cols))))
     }
 
     #[cfg(feature = "cuda")]
@@ -111,20 +156,44 @@ impl CustomOp2 for SiluMul {
         &self,
         s1: &candle_core::CudaStorage,
         l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::silu_mul(s1, l1, s2, l2)
+        let (rows, cols) = merged_halves(l1)?;
+        crate::cuda::silu_mul(s1, l1, rows, cols)
     }
 }
 
-pub(crate) struct Rotary {
+/// `(rows, cols)` of a `[.., 2·cols]` operand.
+fn merged_halves(l: &Layout) -> Result<(usize, usize)> {
+    let width = *l.dims().last().unwrap_or(&0);
+    if width == 0 || !width.is_multiple_of(2) {
+        candle_core::bail!("silu_mul wants rows of gate then up, got {:?}", l.dims());
+    }
+    Ok((l.shape().elem_count() / width, width / 2))
+}
+
+/// Rotates the q and k heads of merged `[tokens, (q_heads + 2·kv_heads)·dim]` rows; the output is q
+/// `[tokens, q_heads, dim]` followed by k `[tokens, kv_heads, dim]`, flat.
+pub(crate) struct RotaryQk {
     pub positions: Tensor,
+    pub q_heads: usize,
+    pub kv_heads: usize,
 }
 
-impl CustomOp2 for Rotary {
+impl RotaryQk {
+    fn dims(&self, l: &Layout, table: &Layout) -> Result<(usize, usize)> {
+        let dim = table.shape().dims2()?.1;
+        let width = (self.q_heads + 2 * self.kv_heads) * dim;
+        let (tokens, w) = l.shape().dims2()?;
+        if w != width {
+            candle_core::bail!("rotary_qk wants rows of {width} (q, k and v heads), got {w}");
+        }
+        Ok((tokens, dim))
+    }
+}
+
+impl CustomOp2 for RotaryQk {
     fn name(&self) -> &'static str {
-        "rotary"
+        "rotary-qk"
     }
 
     fn cpu_fwd(
@@ -134,15 +203,26 @@ impl CustomOp2 for Rotary {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, heads, dim) = l1.shape().dims3()?;
-        let out = cpu::rotary(
-            &f32s(s1, l1)?,
-            &f32s(s2, l2)?,
-            &u32s(&self.positions)?,
-            heads,
+        let (tokens, dim) = self.dims(l1, l2)?;
+        let (q_width, k_width) = (self.q_heads * dim, self.kv_heads * dim);
+        let qkv = f32s(s1, l1)?;
+        let rows = |offset: usize, width: usize| -> Vec<f32> {
+            qkv.chunks(q_width + 2 * k_width)
+                .flat_map(|r| r[offset..offset + width].iter().copied())
+                .collect()
+        };
+        let (table, positions) = (f32s(s2, l2)?, u32s(&self.positions)?);
+        let mut out = cpu::rotary(&rows(0, q_width), &table, &positions, self.q_heads, dim);
+        out.extend(cpu::rotary(
+            &rows(q_width, k_width),
+            &table,
+            &positions,
+            self.kv_heads,
             dim,
-        );
-        Ok((storage(out, s1.dtype())?, l1.shape().clone()))
+        ));
+        let len = out.len();
+        debug_assert_eq!(len, tokens * (q_width + k_width));
+        Ok((storage(out, s1.dtype())?, Shape::from(len)))
     }
 
     #[cfg(feature = "cuda")]
@@ -153,7 +233,8 @@ impl CustomOp2 for Rotary {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::rotary(self, s1, l1, s2, l2)
+        let (tokens, dim) = self.dims(l1, l2)?;
+        crate::cuda::rotary_qk(self, s1, l1, s2, l2, tokens, dim)
     }
 }
 
@@ -174,7 +255,7 @@ impl InplaceOp3 for WriteKv {
         l3: &Layout,
     ) -> Result<()> {
         let row = l1.shape().dims2()?.1;
-        let src = f32s(s2, l2)?;
+        let src = f32_rows(s2, &strided_rows(l2, row)?, row)?;
         let slots = match s3 {
             CpuStorage::U32(v) => {
                 let (a, b) = l3
@@ -349,25 +430,47 @@ pub fn add_rms_norm(
     Ok((both.narrow(0, 0, rows)?, both.narrow(0, rows, rows)?))
 }
 
-/// SiLU(gate) · up, elementwise.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.contiguous()?
-        .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
+/// SiLU(gate) · up for rows holding the gate then the up projection (`[rows, 2·cols]` → `[rows, cols]`).
+pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+    gate_up.contiguous()?.apply_op1_no_bwd(&SiluMul)
 }
 
-/// Rotates `[tokens, heads, dim]` at `positions` (`[tokens]` u32) with a `[max_pos, dim]` f32 cos|sin table.
-pub fn rotary(x: &Tensor, table: &Tensor, positions: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(
+/// Rotates the q and k heads of merged qkv rows (`[tokens, (q_heads + 2·kv_heads)·dim]`) at `positions`
+/// (`[tokens]` u32) with a `[max_pos, dim]` f32 cos|sin table: q `[tokens, q_heads, dim]` and
+/// k `[tokens, kv_heads, dim]`, both contiguous.
+pub fn rotary_qk(
+    qkv: &Tensor,
+    table: &Tensor,
+    positions: &Tensor,
+    q_heads: usize,
+    kv_heads: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (tokens, width) = qkv.dims2()?;
+    let dim = width / (q_heads + 2 * kv_heads);
+    let both = qkv.contiguous()?.apply_op2_no_bwd(
         table,
-        &Rotary {
+        &RotaryQk {
             positions: positions.clone(),
+            q_heads,
+            kv_heads,
         },
-    )
+    )?;
+    let q_len = tokens * q_heads * dim;
+    Ok((
+        both.narrow(0, 0, q_len)?.reshape((tokens, q_heads, dim))?,
+        both.narrow(0, q_len, tokens * kv_heads * dim)?
+            .reshape((tokens, kv_heads, dim))?,
+    ))
 }
 
-/// Writes `src` rows (`[tokens, row]`) into `cache` (`[slots, row]`) at `slots` (`[tokens]` u32), in place.
+/// Writes `src` rows (`[tokens, row]`, contiguous or a column slice of a wider matrix) into `cache`
+/// (`[slots, row]`) at `slots` (`[tokens]` u32), in place.
 pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &Tensor) -> Result<()> {
-    cache.inplace_op3(&src.contiguous()?, &slots.contiguous()?, &WriteKv)
+    let src = match strided_rows(src.layout(), cache.dim(1)?) {
+        Ok(_) => src.clone(),
+        Err(_) => src.contiguous()?,
+    };
+    cache.inplace_op3(&src, &slots.contiguous()?, &WriteKv)
 }
 
 /// Overwrites the contiguous u32 tensor `dst` with `data` (same length), in place.

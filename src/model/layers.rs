@@ -29,6 +29,30 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// Several projections of the same input as one: weights (and biases) stacked along the output
+    /// dim, so one GEMM computes them all and the outputs sit side by side in each row.
+    pub fn load_merged(
+        parts: &[(VarBuilder, usize)],
+        in_dim: usize,
+        bias: bool,
+    ) -> candle_core::Result<Self> {
+        let loaded = parts
+            .iter()
+            .map(|(vb, out_dim)| Self::load(vb.clone(), in_dim, *out_dim, bias))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = loaded.iter().map(|l| &l.weight).collect();
+        let bias = if bias {
+            let biases: Vec<&Tensor> = loaded.iter().filter_map(|l| l.bias.as_ref()).collect();
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight: Tensor::cat(&weights, 0)?,
+            bias,
+        })
+    }
+
     pub fn from_weight(weight: Tensor) -> Self {
         Self { weight, bias: None }
     }

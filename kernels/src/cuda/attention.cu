@@ -205,18 +205,19 @@ __device__ void decode_merge(const float* part_acc, const float* part_max, const
 #define ATTENTION_DIMS(T, S) ATTENTION_ENTRY(T, S, 64) ATTENTION_ENTRY(T, S, 128)
 FOR_EACH_DTYPE(ATTENTION_DIMS)
 
-// KV-cache write: rows of `src` ([tokens, row]) into the cache rows named by `slots`.
+// KV-cache write: rows of `src` ([tokens, row], consecutive rows src_stride apart: a slice of the
+// merged qkv projection) into the cache rows named by `slots`.
 template <typename T>
-__device__ void write_kv(T* cache, const T* src, const uint32_t* slots, int tokens, int row) {
+__device__ void write_kv(T* cache, const T* src, const uint32_t* slots, int tokens, int row, int src_stride) {
   const size_t n = (size_t)tokens * row;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
     const size_t t = i / row, c = i % row;
-    cache[(size_t)slots[t] * row + c] = src[i];
+    cache[(size_t)slots[t] * row + c] = src[t * src_stride + c];
   }
 }
 #define WRITE_ENTRY(T, S)                                                                              \
   extern "C" __global__ void write_kv_##S(T* cache, const T* src, const uint32_t* slots, int tokens,    \
-                                          int row) {                                                   \
-    write_kv<T>(cache, src, slots, tokens, row);                                                       \
+                                          int row, int src_stride) {                                   \
+    write_kv<T>(cache, src, slots, tokens, row, src_stride);                                           \
   }
 FOR_EACH_DTYPE(WRITE_ENTRY)
