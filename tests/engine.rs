@@ -350,3 +350,37 @@ fn padded_decode_steps_equal_the_hf_reference() {
     let m = wait_idle(&engine);
     assert!(m.fixed_decode_steps >= 10, "{m:?}");
 }
+
+/// A choice the frontend stops (a stop string) frees its sequence; its sibling runs to the end, and the
+/// request ends with it.
+#[test]
+fn a_stopped_choice_ends_while_its_sibling_goes_on() {
+    let fx = Fixture::load("tiny");
+    let engine = start("tiny", EngineConfig::default());
+    let before = engine.metrics();
+    let params = SamplingParams { n: 2, ..greedy(64) };
+    let mut stream = engine.submit(prompt(&fx, "text_only"), params).unwrap();
+    let mut events = Vec::new();
+    let mut stopped = false;
+    while let Some(event) = stream.blocking_next() {
+        let event = event.unwrap();
+        if event.index == 1 && !stopped {
+            stream.stop_choice(1);
+            stopped = true;
+        }
+        events.push(event);
+    }
+    assert_eq!(tokens(&events, 0).len(), 64, "choice 0 runs to max_tokens");
+    let last = events.last().unwrap();
+    assert_eq!(last.index, 0);
+    assert!(
+        last.usage.is_some(),
+        "the request ends with its last choice"
+    );
+    // Choice 1 stopped after at most a few steps in flight, far short of its 64 tokens.
+    let choice_1 = tokens(&events, 1).len();
+    assert!(choice_1 < 16, "choice 1 kept going: {choice_1} tokens");
+    // Counters are settled once the engine is idle (a step counts its tokens after sending them).
+    let generated = wait_idle(&engine).generated_tokens - before.generated_tokens;
+    assert_eq!(generated as usize, 64 + choice_1);
+}

@@ -174,6 +174,8 @@ pub struct ChoiceDelta {
     pub text: String,
     pub logprobs: Vec<StepLogprobs>,
     pub finish: Option<FinishReason>,
+    /// A stop string ended the choice here, before the engine did: the engine should stop it.
+    pub stop_string: bool,
 }
 
 impl ChoiceProgress {
@@ -191,6 +193,7 @@ impl ChoiceProgress {
             text: String::new(),
             logprobs: Vec::new(),
             finish: None,
+            stop_string: false,
         };
         if self.finish.is_some() {
             return Ok(delta);
@@ -202,6 +205,7 @@ impl ChoiceProgress {
         delta.logprobs = event.logprobs.clone();
         if pushed.hit_stop_string {
             delta.finish = Some(FinishReason::Stop);
+            delta.stop_string = event.finish_reason.is_none();
         } else if let Some(reason) = event.finish_reason {
             delta.text.push_str(&self.text.finish()?.text);
             delta.finish = Some(reason);
@@ -295,10 +299,13 @@ pub async fn run_to_completion(
         };
         let event = event?;
         let delta = choices[event.index].apply(&event)?;
+        if delta.stop_string {
+            stream.stop_choice(event.index);
+        }
         texts[event.index].push_str(&delta.text);
         logprobs[event.index].extend(delta.logprobs);
     }
-    // Dropping the stream here aborts any choice still running after a stop string ended it.
+    // Every choice has finished, so dropping the stream frees nothing more (the abort is a no-op).
     drop(stream);
     Ok(Completed {
         texts,
@@ -349,9 +356,11 @@ pub async fn pump_events(
         last_token = Some(now);
         let index = event.index;
         let delta = choices[index].apply(&event).map_err(|e| sink.fail(&e))?;
+        if delta.stop_string {
+            stream.stop_choice(index);
+        }
         emit(index, delta)?;
     }
-    // Dropping the stream aborts choices a stop string ended before the engine did.
     drop(stream);
     metrics::histogram!("llava_e2e_latency_seconds").record(started.elapsed().as_secs_f64());
     metrics::counter!("llava_requests_total", "status" => "200").increment(1);

@@ -24,6 +24,8 @@ pub type EventSender = UnboundedSender<Result<TokenEvent, EngineError>>;
 pub(super) enum Command {
     Submit(Box<Submission>),
     Abort(RequestId),
+    /// The frontend ended one choice (a stop string): stop computing it, keep its siblings.
+    StopChoice(RequestId, usize),
 }
 
 pub(super) struct Submission {
@@ -117,6 +119,31 @@ impl EngineCore {
         match cmd {
             Command::Submit(sub) => self.add_request(*sub),
             Command::Abort(id) => self.finish_request(id),
+            Command::StopChoice(id, index) => self.stop_choice(id, index),
+        }
+    }
+
+    /// Frees one choice's sequence; the request ends with it when it was the last one running. Its
+    /// events stop here: the frontend that asked has already closed the choice itself.
+    fn stop_choice(&mut self, id: RequestId, index: usize) {
+        let Some(req) = self.requests.get_mut(&id) else {
+            return;
+        };
+        let seqs = &self.seqs;
+        let Some(seq) = req
+            .seqs
+            .iter()
+            .copied()
+            .find(|s| seqs.get(s).is_some_and(|st| st.index == index))
+        else {
+            return;
+        };
+        req.unfinished -= 1;
+        let done = req.unfinished == 0;
+        self.scheduler.remove(seq);
+        self.seqs.remove(&seq);
+        if done {
+            self.finish_request(id);
         }
     }
 

@@ -81,6 +81,12 @@ impl RequestStream {
         self.events.recv().await
     }
 
+    /// Stops choice `index` (a stop string ended it) while its siblings go on; events of it that were
+    /// already on their way may still arrive.
+    pub fn stop_choice(&self, index: usize) {
+        let _ = self.commands.send(Command::StopChoice(self.id, index));
+    }
+
     /// For synchronous callers (the CLI, tests); must not be called from inside an async runtime.
     pub fn blocking_next(&mut self) -> Option<Result<TokenEvent, EngineError>> {
         self.events.blocking_recv()
