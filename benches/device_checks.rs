@@ -126,18 +126,33 @@ fn attention_kernels_match_the_cpu_reference() {
                 num_kv_heads: kv_heads,
             };
             let scale = (dim as f32).powf(-0.5);
-            // Prefill: 9 new tokens after 30 cached of sequence 0, 40 new of sequence 1.
-            let positions: Vec<u32> = (30..39).chain(0..40).collect();
-            let token_seq: Vec<u32> = std::iter::repeat_n(0, 9)
+            // Prefill beside a decode: 1 new token after 1050 cached of sequence 0 (a single query),
+            // 40 new after 300 cached of sequence 1 (tiles of 16, 16 and 8 over 11 key tiles).
+            let positions: Vec<u32> = std::iter::once(1050).chain(300..340).collect();
+            let token_seq: Vec<u32> = std::iter::once(0)
                 .chain(std::iter::repeat_n(1, 40))
                 .collect();
-            let q = randn(&[49, heads, dim]);
+            let (tiles, singles) = k::prefill_work(&[1, 40]);
+            let work = |d: &Device| k::PrefillWork {
+                tiles: Tensor::new(tiles.as_slice(), d).unwrap(),
+                singles: Tensor::new(singles.as_slice(), d).unwrap(),
+            };
+            let q = randn(&[41, heads, dim]);
             let (pos, seq) = (
                 Tensor::new(positions, &Device::Cpu).unwrap(),
                 Tensor::new(token_seq, &Device::Cpu).unwrap(),
             );
-            let want = k::prefill_attention(&q, &kc, &vc, &pos, &seq, &paged(&Device::Cpu), scale)
-                .unwrap();
+            let want = k::prefill_attention(
+                &q,
+                &kc,
+                &vc,
+                &pos,
+                &seq,
+                &work(&Device::Cpu),
+                &paged(&Device::Cpu),
+                scale,
+            )
+            .unwrap();
             poison(&dev);
             let got = k::prefill_attention(
                 &on(&q),
@@ -145,6 +160,7 @@ fn attention_kernels_match_the_cpu_reference() {
                 &on(&vc),
                 &pos.to_device(&dev).unwrap(),
                 &seq.to_device(&dev).unwrap(),
+                &work(&dev),
                 &paged(&dev),
                 scale,
             )

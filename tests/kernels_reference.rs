@@ -61,6 +61,15 @@ fn meta(b: &Batch) -> AttentionMetadata {
     AttentionMetadata::build(&steps, 16, &Device::Cpu).unwrap()
 }
 
+fn prefill_work(b: &Batch) -> k::PrefillWork {
+    let lens: Vec<usize> = b.lens.iter().map(|&(_, n)| n).collect();
+    let (tiles, singles) = k::prefill_work(&lens);
+    k::PrefillWork {
+        tiles: Tensor::new(tiles, &Device::Cpu).unwrap(),
+        singles: Tensor::new(singles, &Device::Cpu).unwrap(),
+    }
+}
+
 fn paged(b: &Batch, kv_heads: usize) -> k::PagedLayout {
     let flat: Vec<u32> = b.tables.concat();
     k::PagedLayout {
@@ -88,12 +97,14 @@ fn prefill_and_decode_attention_match_the_reference_path() {
             .flat_map(|(s, &(_, n))| std::iter::repeat_n(s as u32, n))
             .collect();
         let token_seq = Tensor::new(token_seq, &Device::Cpu).unwrap();
+        let work = prefill_work(&b);
         let got = k::prefill_attention(
             &q,
             &kc,
             &vc,
             &m.positions,
             &token_seq,
+            &work,
             &paged(&b, kv_heads),
             scale as f32,
         )
@@ -113,6 +124,7 @@ fn prefill_and_decode_attention_match_the_reference_path() {
                 &c(&vc),
                 &m.positions,
                 &token_seq,
+                &work,
                 &paged(&b, kv_heads),
                 scale as f32,
             )

@@ -10,9 +10,10 @@ use crate::ops::{strided_rows, AddRmsNorm, PagedAttention, Queries, RotaryQk};
 
 const ELEMENTWISE: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-/// Must match `PARTITION` and `WARPS_PER_BLOCK` in attention.cu.
+/// Must match `PARTITION`, `WARPS_PER_BLOCK` and `TILE_THREADS` in attention.cu.
 const PARTITION: usize = 512;
 const WARPS_PER_BLOCK: u32 = 4;
+const TILE_THREADS: u32 = 128;
 
 fn suffix(dtype: DType) -> Result<&'static str> {
     Ok(match dtype {
@@ -245,21 +246,53 @@ pub(crate) fn paged_attention(
             let (q, kc, vc) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
             let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n * heads * dim)? };
             match &op.queries {
-                Queries::Prefill { positions, token_seq } => with_u32(positions, |positions| {
+                Queries::Prefill { positions, token_seq, work } => with_u32(positions, |positions| {
                     with_u32(token_seq, |token_seq| {
-                        let func = dev.get_or_load_custom_func(&format!("prefill_attention_{sfx}_d{dim}"), "llava_attention", ATTENTION)?;
-                        let mut b = func.builder();
-                        b.arg(&q);
-                        b.arg(&kc);
-                        b.arg(&vc);
-                        b.arg(&positions);
-                        b.arg(&token_seq);
-                        b.arg(&tables);
-                        candle_core::builder_arg!(b, max_blocks);
-                        b.arg(&out);
-                        candle_core::builder_arg!(b, n as i32, heads as i32, kv_heads, block_size, op.scale);
-                        // SAFETY: argument list matches prefill_attention_* in attention.cu.
-                        unsafe { b.launch(blocks(n * heads)) }.w()?;
+                        let (tiles, singles) = (work.tiles.dim(0)?, work.singles.dim(0)?);
+                        if tiles > 0 {
+                            with_u32(&work.tiles, |tile_starts| {
+                                let func = dev.get_or_load_custom_func(&format!("prefill_attention_{sfx}_d{dim}"), "llava_attention", ATTENTION)?;
+                                let mut b = func.builder();
+                                b.arg(&q);
+                                b.arg(&kc);
+                                b.arg(&vc);
+                                b.arg(&positions);
+                                b.arg(&token_seq);
+                                b.arg(&tile_starts);
+                                b.arg(&tables);
+                                candle_core::builder_arg!(b, max_blocks);
+                                b.arg(&out);
+                                candle_core::builder_arg!(b, n as i32, heads as i32, kv_heads, block_size, op.scale);
+                                let cfg = LaunchConfig {
+                                    grid_dim: (tiles as u32, heads as u32, 1),
+                                    block_dim: (TILE_THREADS, 1, 1),
+                                    shared_mem_bytes: 0,
+                                };
+                                // SAFETY: argument list matches prefill_attention_* in attention.cu; the
+                                // tiles start inside the batch.
+                                unsafe { b.launch(cfg) }.w()?;
+                                Ok(())
+                            })?;
+                        }
+                        if singles > 0 {
+                            with_u32(&work.singles, |single_tokens| {
+                                let func = dev.get_or_load_custom_func(&format!("single_query_attention_{sfx}_d{dim}"), "llava_attention", ATTENTION)?;
+                                let mut b = func.builder();
+                                b.arg(&q);
+                                b.arg(&kc);
+                                b.arg(&vc);
+                                b.arg(&positions);
+                                b.arg(&token_seq);
+                                b.arg(&single_tokens);
+                                b.arg(&tables);
+                                candle_core::builder_arg!(b, max_blocks);
+                                b.arg(&out);
+                                candle_core::builder_arg!(b, singles as i32, heads as i32, kv_heads, block_size, op.scale);
+                                // SAFETY: argument list matches single_query_attention_* in attention.cu.
+                                unsafe { b.launch(blocks(singles * heads)) }.w()?;
+                                Ok(())
+                            })?;
+                        }
                         Ok(())
                     })
                 })?,

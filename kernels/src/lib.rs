@@ -8,7 +8,8 @@
 //!   explicit positions (cos|sin table in f32);
 //! - `write_kv`: new K/V rows (contiguous, or a column slice of the qkv rows) into their cache slots;
 //! - `upload_u32`: host data into an existing tensor, so step metadata keeps its device address;
-//! - `prefill_attention`: causal attention of a flattened batch over the paged cache;
+//! - `prefill_attention`: causal attention of a flattened batch over the paged cache, prompts in tiles of
+//!   queries that share key/value loads;
 //! - `decode_attention`: one query per sequence over the paged cache, long contexts split in partitions.
 
 mod cpu;
@@ -17,6 +18,6 @@ mod cuda;
 mod ops;
 
 pub use ops::{
-    add_rms_norm, decode_attention, prefill_attention, rotary_qk, silu_mul, upload_u32, write_kv,
-    PagedLayout,
+    add_rms_norm, decode_attention, prefill_attention, prefill_work, rotary_qk, silu_mul,
+    upload_u32, write_kv, PagedLayout, PrefillWork, PREFILL_TILE,
 };

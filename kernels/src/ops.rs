@@ -339,11 +339,40 @@ pub struct PagedLayout {
     pub num_kv_heads: usize,
 }
 
+/// Queries of one sequence this step, at most this many per prefill tile (`TILE_Q` in attention.cu).
+pub const PREFILL_TILE: usize = 16;
+
+/// How the prefill kernels split a flattened batch: `tiles` (`[k]` u32) are the first tokens of runs of
+/// up to `PREFILL_TILE` queries of one sequence, which share key/value loads; `singles` (`[m]` u32) are
+/// the tokens that are their sequence's only query this step (decodes beside prefills).
+#[derive(Debug, Clone)]
+pub struct PrefillWork {
+    pub tiles: Tensor,
+    pub singles: Tensor,
+}
+
+/// `(tiles, singles)` for sequences whose `query_lens` queries lie one after another in the batch.
+pub fn prefill_work(query_lens: &[usize]) -> (Vec<u32>, Vec<u32>) {
+    let (mut tiles, mut singles) = (Vec::new(), Vec::new());
+    let mut start = 0u32;
+    for &len in query_lens {
+        if len == 1 {
+            singles.push(start);
+        } else {
+            tiles.extend((0..len).step_by(PREFILL_TILE).map(|j| start + j as u32));
+        }
+        start += len as u32;
+    }
+    (tiles, singles)
+}
+
 /// Which query attends to what: prefill (causal, per-token positions) or decode (one query per sequence).
 pub(crate) enum Queries {
     Prefill {
         positions: Tensor,
         token_seq: Tensor,
+        #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+        work: PrefillWork,
     },
     /// `max_context`: the longest context, known on the host (it sizes the partition grid).
     Decode {
@@ -389,6 +418,7 @@ impl CustomOp3 for PagedAttention {
             Queries::Prefill {
                 positions,
                 token_seq,
+                ..
             } => (
                 u32s(token_seq)?,
                 u32s(positions)?.iter().map(|p| p + 1).collect(),
@@ -478,13 +508,16 @@ pub fn upload_u32(dst: &Tensor, data: &[u32]) -> Result<()> {
     dst.inplace_op1(&UploadU32(data))
 }
 
-/// Causal attention of flattened queries `[tokens, heads, dim]` over the paged cache (`[slots, kv_heads·dim]`).
+/// Causal attention of flattened queries `[tokens, heads, dim]` over the paged cache (`[slots, kv_heads·dim]`);
+/// `work` (from `prefill_work`) must cover every token.
+#[allow(clippy::too_many_arguments)]
 pub fn prefill_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     positions: &Tensor,
     token_seq: &Tensor,
+    work: &PrefillWork,
     paged: &PagedLayout,
     scale: f32,
 ) -> Result<Tensor> {
@@ -492,6 +525,7 @@ pub fn prefill_attention(
         queries: Queries::Prefill {
             positions: positions.clone(),
             token_seq: token_seq.clone(),
+            work: work.clone(),
         },
         paged: paged.clone(),
         scale,
@@ -519,4 +553,39 @@ pub fn decode_attention(
         scale,
     };
     q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_work_covers_every_token_once_in_tiles_of_one_sequence() {
+        let lens = [1usize, 40, 16, 1, 17, 2];
+        let (tiles, singles) = prefill_work(&lens);
+        let seq_of: Vec<usize> = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &n)| std::iter::repeat_n(s, n))
+            .collect();
+        let mut covered = vec![0; seq_of.len()];
+        for &t in &tiles {
+            let t = t as usize;
+            let run = (t..seq_of.len())
+                .take(PREFILL_TILE)
+                .take_while(|&u| seq_of[u] == seq_of[t])
+                .count();
+            assert!(run >= 2 || lens[seq_of[t]] > 1, "tile at {t}");
+            for c in &mut covered[t..t + run] {
+                *c += 1;
+            }
+        }
+        for &t in &singles {
+            assert_eq!(lens[seq_of[t as usize]], 1);
+            covered[t as usize] += 1;
+        }
+        assert!(covered.iter().all(|&c| c == 1), "{covered:?}");
+        assert_eq!(singles, vec![0, 57]);
+        assert_eq!(tiles, vec![1, 17, 33, 41, 58, 74, 75]);
+    }
 }

@@ -49,6 +49,8 @@ pub struct KernelMetadata {
     pub block_size: usize,
     /// Every sequence computes exactly one token (a pure decode step).
     pub all_decode: bool,
+    /// How the prefill kernels split the batch (unused by pure decode steps).
+    pub prefill: llava_kernels::PrefillWork,
 }
 
 /// What the runner knows of one sequence in a step, before it becomes tensors.
@@ -127,8 +129,11 @@ impl AttentionMetadata {
                 kernel: None,
             });
         }
-        // One host buffer, one transfer: positions | slots | token_seq | context_lens | block tables.
+        // One host buffer, one transfer:
+        // positions | slots | token_seq | context_lens | block tables | prefill tiles | single queries.
         let seqs = steps.len();
+        let query_lens: Vec<usize> = steps.iter().map(|s| s.num_new).collect();
+        let (tiles, singles) = llava_kernels::prefill_work(&query_lens);
         let max_blocks = steps
             .iter()
             .map(|s| s.block_table.len())
@@ -136,7 +141,9 @@ impl AttentionMetadata {
             .unwrap_or(1)
             .max(1);
         let context_lens: Vec<u32> = spans.iter().map(|&(_, c)| c as u32).collect();
-        let mut packed = Vec::with_capacity(3 * num_tokens + seqs * (1 + max_blocks));
+        let mut packed = Vec::with_capacity(
+            3 * num_tokens + seqs * (1 + max_blocks) + tiles.len() + singles.len(),
+        );
         packed.extend(&positions);
         packed.extend(&slot_mapping);
         packed.extend(&token_seq);
@@ -145,8 +152,11 @@ impl AttentionMetadata {
             packed.extend(step.block_table);
             packed.extend(std::iter::repeat_n(0, max_blocks - step.block_table.len()));
         }
+        packed.extend(&tiles);
+        packed.extend(&singles);
         let all = Tensor::new(packed, device)?;
         let t = num_tokens;
+        let work_at = 3 * t + seqs * (1 + max_blocks);
         Ok(Self {
             positions: all.narrow(0, 0, t)?,
             slot_mapping: all.narrow(0, t, t)?,
@@ -161,6 +171,10 @@ impl AttentionMetadata {
                 max_context: context_lens.iter().copied().max().unwrap_or(0) as usize,
                 block_size,
                 all_decode: steps.iter().all(|s| s.num_new == 1),
+                prefill: llava_kernels::PrefillWork {
+                    tiles: all.narrow(0, work_at, tiles.len())?,
+                    singles: all.narrow(0, work_at + tiles.len(), singles.len())?,
+                },
             }),
         })
     }

@@ -270,6 +270,7 @@ impl LlamaDecoder {
                     value_cache,
                     &meta.positions,
                     &kernel.token_seq,
+                    &kernel.prefill,
                     &paged,
                     scale,
                 )?

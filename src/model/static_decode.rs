@@ -63,6 +63,10 @@ impl StaticDecode {
                 max_context: max_blocks * block_size,
                 block_size,
                 all_decode: true,
+                prefill: llava_kernels::PrefillWork {
+                    tiles: buffer.narrow(0, 0, 0)?,
+                    singles: buffer.narrow(0, 0, 0)?,
+                },
             }),
             positions,
         };

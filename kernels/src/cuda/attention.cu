@@ -1,7 +1,8 @@
 // Attention over the paged KV cache. The cache is [slots, kv_heads, head_dim]; the slot of position
 // `p` of sequence `s` is block_tables[s][p / block_size] * block_size + p % block_size.
 //
-// One block of 4 warps per (query, head[, partition]). Each warp splits into 4 groups of 8 lanes and
+// Prompts (several queries of one sequence) go through `prefill_tiled`, below. Otherwise one block of
+// 4 warps per (query, head[, partition]). Each warp splits into 4 groups of 8 lanes and
 // each group reads one position at a time (a lane holds HEAD_DIM / 8 values), so 16 positions are in
 // flight per block: a lone decode query is not left waiting on one load after another. Every group
 // keeps an online softmax; the block merges the 16 states at the end. Decode splits long contexts
@@ -113,26 +114,122 @@ struct Attend {
   }
 };
 
-// Prefill (and any multi-token step): query token t of sequence token_seq[t] at position positions[t]
-// attends causally to positions 0..=positions[t]. q: [tokens, heads, D]; out: [tokens, heads, D].
+// A query that is its sequence's only one this step (a decode beside prefills): token singles[i] of
+// sequence token_seq[token] at positions[token] attends to positions 0..=positions[token], streamed by
+// the block's 16 lane groups. q: [tokens, heads, D]; out: [tokens, heads, D]; one block per (single, head).
 template <typename T, int D>
-__device__ void prefill(const T* q, const T* k_cache, const T* v_cache, const uint32_t* positions,
-                        const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks, T* out,
-                        int tokens, int heads, int kv_heads, int block_size, float scale) {
+__device__ void single_query(const T* q, const T* k_cache, const T* v_cache, const uint32_t* positions,
+                             const uint32_t* token_seq, const uint32_t* singles, const uint32_t* block_tables,
+                             int max_blocks, T* out, int num_singles, int heads, int kv_heads, int block_size,
+                             float scale) {
   __shared__ float s_acc[WARPS_PER_BLOCK * D];
   __shared__ float s_max[WARPS_PER_BLOCK];
   __shared__ float s_sum[WARPS_PER_BLOCK];
-  const int item = blockIdx.x;
-  if (item >= tokens * heads) return;  // the same for the whole block
-  const int token = item / heads, head = item % heads;
+  if ((int)blockIdx.x >= num_singles * heads) return;  // the same for the whole block
+  const int token = singles[blockIdx.x / heads], head = blockIdx.x % heads;
+  const size_t item = (size_t)token * heads + head;
   const int kvh = head / (heads / kv_heads);
   Attend<T, D> a;
-  a.load_query(q + (size_t)item * D, scale);
+  a.load_query(q + item * D, scale);
   a.run(k_cache, v_cache, block_tables + (size_t)token_seq[token] * max_blocks, block_size, kv_heads, kvh, 0,
         positions[token] + 1);
   a.merge(s_acc, s_max, s_sum);
-  for (int d = threadIdx.x; d < D; d += blockDim.x)
-    out[(size_t)item * D + d] = from_float<T>(a.numerator(d) / a.block_den);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) out[item * D + d] = from_float<T>(a.numerator(d) / a.block_den);
+}
+
+// Tiled prefill: one block per (query tile, head). A tile is up to TILE_Q consecutive query tokens of one
+// sequence (`tile_starts` lists each tile's first token; the tile runs while token_seq stays the same).
+// Key/value tiles of TILE_K positions go through shared memory once for all the tile's queries, instead
+// of once per query: TILE_Q times less cache traffic for prompts. Query t sees positions
+// 0..=positions[t]. Thread layout for the output: query row = tid / 8, dims tid % 8 + 8k.
+#define TILE_Q 16
+#define TILE_K 32
+#define TILE_THREADS 128
+
+template <typename T, int D>
+__device__ void prefill_tiled(const T* q, const T* k_cache, const T* v_cache, const uint32_t* positions,
+                              const uint32_t* token_seq, const uint32_t* tile_starts, const uint32_t* block_tables,
+                              int max_blocks, T* out, int tokens, int heads, int kv_heads, int block_size,
+                              float scale) {
+  static_assert(TILE_Q * 8 == TILE_THREADS, "eight threads per query row");
+  constexpr int PER_THREAD = D / 8;
+  __shared__ float qs[TILE_Q][D];
+  __shared__ float ks[TILE_K][D + 1];
+  __shared__ float vs[TILE_K][D + 1];
+  __shared__ float sc[TILE_Q][TILE_K + 1];
+  __shared__ int qpos[TILE_Q];
+
+  const int tid = threadIdx.x;
+  const int head = blockIdx.y, kvh = head / (heads / kv_heads);
+  const int t0 = tile_starts[blockIdx.x];
+  const uint32_t seq = token_seq[t0];
+  int nq = 0;
+  while (nq < TILE_Q && t0 + nq < tokens && token_seq[t0 + nq] == seq) ++nq;
+  const uint32_t* table = block_tables + (size_t)seq * max_blocks;
+
+  if (tid < TILE_Q) qpos[tid] = tid < nq ? (int)positions[t0 + tid] : -1;
+  for (int e = tid; e < TILE_Q * D; e += TILE_THREADS) {
+    const int i = e / D, d = e % D;
+    qs[i][d] = i < nq ? to_float(q[((size_t)(t0 + i) * heads + head) * D + d]) * scale : 0.f;
+  }
+  __syncthreads();
+  int last = 0;
+  for (int i = 0; i < nq; ++i) last = max(last, qpos[i]);
+
+  const int row = tid / 8, lane8 = tid % 8;
+  float acc[PER_THREAD];
+#pragma unroll
+  for (int k = 0; k < PER_THREAD; ++k) acc[k] = 0.f;
+  float m = -FLT_MAX, l = 0.f;
+
+  for (int kb = 0; kb <= last; kb += TILE_K) {
+    for (int e = tid; e < TILE_K * D; e += TILE_THREADS) {
+      const int j = e / D, d = e % D;
+      const int pos = kb + j;
+      float kv = 0.f, vv = 0.f;
+      if (pos <= last) {
+        const size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
+        const size_t at = (slot * kv_heads + kvh) * D + d;
+        kv = to_float(k_cache[at]);
+        vv = to_float(v_cache[at]);
+      }
+      ks[j][d] = kv;
+      vs[j][d] = vv;
+    }
+    __syncthreads();
+    for (int e = tid; e < TILE_Q * TILE_K; e += TILE_THREADS) {
+      const int i = e / TILE_K, j = e % TILE_K;
+      float dot = 0.f;
+#pragma unroll 8
+      for (int d = 0; d < D; ++d) dot += qs[i][d] * ks[j][d];
+      sc[i][j] = dot;
+    }
+    __syncthreads();
+    // Online softmax of this thread's query row over the tile's visible keys.
+    const int visible = qpos[row] - kb;  // keys j <= visible are seen (none when the row is padding)
+    float tile_max = -FLT_MAX;
+    for (int j = 0; j < TILE_K; ++j)
+      if (j <= visible) tile_max = fmaxf(tile_max, sc[row][j]);
+    const float m_new = fmaxf(m, tile_max);
+    const float correction = __expf(m - m_new);
+    l *= correction;
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) acc[k] *= correction;
+    for (int j = 0; j < TILE_K; ++j) {
+      if (j > visible) break;
+      const float p = __expf(sc[row][j] - m_new);
+      l += p;
+#pragma unroll
+      for (int k = 0; k < PER_THREAD; ++k) acc[k] += p * vs[j][lane8 + 8 * k];
+    }
+    m = m_new;
+    __syncthreads();
+  }
+  if (row < nq) {
+    T* o = out + ((size_t)(t0 + row) * heads + head) * D;
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) o[lane8 + 8 * k] = from_float<T>(acc[k] / l);
+  }
 }
 
 // Decode, pass 1: one query per sequence; partition `part` covers [part * PARTITION, ...) of its context.
@@ -187,9 +284,17 @@ __device__ void decode_merge(const float* part_acc, const float* part_max, const
 #define ATTENTION_ENTRY(T, S, D)                                                                          \
   extern "C" __global__ void prefill_attention_##S##_d##D(                                                \
       const T* q, const T* kc, const T* vc, const uint32_t* pos, const uint32_t* seq,                      \
-      const uint32_t* tables, int max_blocks, T* out, int tokens, int heads, int kv_heads, int block_size, \
-      float scale) {                                                                                      \
-    prefill<T, D>(q, kc, vc, pos, seq, tables, max_blocks, out, tokens, heads, kv_heads, block_size, scale); \
+      const uint32_t* tiles, const uint32_t* tables, int max_blocks, T* out, int tokens, int heads,        \
+      int kv_heads, int block_size, float scale) {                                                        \
+    prefill_tiled<T, D>(q, kc, vc, pos, seq, tiles, tables, max_blocks, out, tokens, heads, kv_heads,      \
+                        block_size, scale);                                                               \
+  }                                                                                                       \
+  extern "C" __global__ void single_query_attention_##S##_d##D(                                            \
+      const T* q, const T* kc, const T* vc, const uint32_t* pos, const uint32_t* seq,                      \
+      const uint32_t* singles, const uint32_t* tables, int max_blocks, T* out, int num_singles, int heads,  \
+      int kv_heads, int block_size, float scale) {                                                        \
+    single_query<T, D>(q, kc, vc, pos, seq, singles, tables, max_blocks, out, num_singles, heads, kv_heads, \
+                       block_size, scale);                                                                \
   }                                                                                                       \
   extern "C" __global__ void decode_attention_partial_##S##_d##D(                                         \
       const T* q, const T* kc, const T* vc, const uint32_t* lens, const uint32_t* tables, int max_blocks,  \
