@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: &[&str] = &["elementwise", "attention"];
+const SOURCES: &[&str] = &["elementwise", "attention", "sampling"];
 
 fn main() {
     println!("cargo:rerun-if-changed=src/cuda");

@@ -384,3 +384,56 @@ fn a_stopped_choice_ends_while_its_sibling_goes_on() {
     let generated = wait_idle(&engine).generated_tokens - before.generated_tokens;
     assert_eq!(generated as usize, 64 + choice_1);
 }
+
+/// Unfiltered temperature sampling is drawn where the logits are when no row needs them on the host,
+/// and on the host otherwise: a seed gives the same tokens either way, and in padded decode steps.
+#[test]
+fn a_seeded_draw_is_the_same_on_the_device_path_and_the_host_path() {
+    let fx = Fixture::load("tiny");
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        seed: Some(11),
+        ..greedy(12)
+    };
+    // (tokens, how many of all tokens were chosen where the logits are)
+    let run = |config: EngineConfig, beside_logprobs: bool| -> (Vec<u32>, u64) {
+        let engine = start("tiny", config);
+        // A neighbour that wants logprobs, submitted first and running longer, sends every step
+        // they share down the host path.
+        let other = beside_logprobs.then(|| {
+            let params = SamplingParams {
+                logprobs: Some(1),
+                ..greedy(40)
+            };
+            engine.submit(prompt(&fx, "chat_template"), params).unwrap()
+        });
+        let main = engine
+            .submit(prompt(&fx, "text_only"), sampled.clone())
+            .unwrap();
+        let events = collect_blocking(main).unwrap();
+        if let Some(other) = other {
+            collect_blocking(other).unwrap();
+        }
+        (
+            tokens(&events, 0),
+            wait_idle(&engine).tokens_chosen_in_place,
+        )
+    };
+    let (device, in_place) = run(EngineConfig::default(), false);
+    assert_eq!(
+        (device.len(), in_place),
+        (12, 12),
+        "every token drawn in place"
+    );
+    assert_ne!(device, reference(&fx, "text_only")[..12], "not a draw");
+    assert_eq!(
+        run(EngineConfig::default(), true),
+        (device.clone(), 0),
+        "host path"
+    );
+    let padded = EngineConfig {
+        decode_graphs: DecodeGraphs::Padded,
+        ..EngineConfig::default()
+    };
+    assert_eq!(run(padded, false), (device, 12), "padded decode steps");
+}

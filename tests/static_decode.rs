@@ -67,7 +67,7 @@ fn padding_rows_write_only_the_scratch_block_and_change_no_result() {
             block_table: &first,
         },
     ];
-    step.upload(&rows).unwrap();
+    step.upload(&rows, &[]).unwrap();
     let out = step.run(model, &padded_kv).unwrap();
     let want = unpadded_logits(model, &plain_kv, &rows);
     let got = out.logits.narrow(0, 0, 2).unwrap();
@@ -147,11 +147,14 @@ fn a_padded_decode_continues_a_prefill_with_hfs_tokens() {
     )
     .unwrap();
     for position in len..len + want.len() - 1 {
-        step.upload(&[DecodeRow {
-            token: got[got.len() - 1],
-            position,
-            block_table: &table,
-        }])
+        step.upload(
+            &[DecodeRow {
+                token: got[got.len() - 1],
+                position,
+                block_table: &table,
+            }],
+            &[],
+        )
         .unwrap();
         token = step.run(model, &kv).unwrap().argmax;
         got.push(token.to_vec1::<u32>().unwrap()[0]);
@@ -170,16 +173,19 @@ fn steps_that_do_not_fit_are_refused() {
         position,
         block_table: &table,
     };
-    assert!(step.pack(&[row(0), row(1)]).is_err(), "two rows in one");
-    assert!(step.pack(&[row(32)]).is_err(), "context beyond 32");
-    assert!(step.pack(&[row(31)]).is_ok());
+    assert!(
+        step.pack(&[row(0), row(1)], &[]).is_err(),
+        "two rows in one"
+    );
+    assert!(step.pack(&[row(32)], &[]).is_err(), "context beyond 32");
+    assert!(step.pack(&[row(31)], &[]).is_ok());
     let short = [0u32];
     let beyond_table = DecodeRow {
         token: 1,
         position: 16,
         block_table: &short,
     };
-    assert!(step.pack(&[beyond_table]).is_err(), "table too short");
+    assert!(step.pack(&[beyond_table], &[]).is_err(), "table too short");
 }
 
 #[test]

@@ -48,6 +48,32 @@ pub fn rotary(x: &[f32], table: &[f32], positions: &[u32], heads: usize, dim: us
     out
 }
 
+/// Uniform in (0, 1) from a row's seed and a vocabulary index (splitmix64 finaliser, top 24 bits).
+pub fn uniform(seed: u64, i: u32) -> f32 {
+    let mut z = seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0)
+}
+
+/// The argmax of `logits / temperature + Gumbel noise`: a draw from softmax(logits / temperature)
+/// (the Gumbel-max trick); the plain argmax when `temperature` is 0. First maximum on ties.
+pub fn gumbel_argmax(logits: &[f32], temperature: f32, seed: u64) -> u32 {
+    let mut best = (f32::MIN, 0u32);
+    for (i, &l) in logits.iter().enumerate() {
+        let score = if temperature > 0.0 {
+            l / temperature - (-uniform(seed, i as u32).ln()).ln()
+        } else {
+            l
+        };
+        if score > best.0 || i == 0 {
+            best = (score, i as u32);
+        }
+    }
+    best.1
+}
+
 /// The cache and how positions map to its slots.
 pub struct PagedCache<'a> {
     pub keys: &'a [f32],
@@ -126,6 +152,28 @@ mod tests {
             rotary(&[1.0, 2.0, 3.0, 4.0], &table, &[0], 1, 4),
             vec![1.0, 2.0, 3.0, 4.0]
         );
+    }
+
+    #[test]
+    fn gumbel_draws_follow_softmax_of_logits_over_temperature() {
+        // softmax(ln[1, 2, 3, 4] / 0.5) = [1, 4, 9, 16] / 30.
+        let logits: Vec<f32> = [1f32, 2.0, 3.0, 4.0].iter().map(|x| x.ln()).collect();
+        let n = 40_000;
+        let mut counts = [0usize; 4];
+        for seed in 0..n {
+            counts[gumbel_argmax(&logits, 0.5, seed * 0x9E37_79B9 + 7) as usize] += 1;
+        }
+        for (i, want) in [1.0, 4.0, 9.0, 16.0].iter().enumerate() {
+            let frac = counts[i] as f64 / n as f64;
+            assert!((frac - want / 30.0).abs() < 0.01, "{i}: {frac}");
+        }
+        assert_eq!(
+            gumbel_argmax(&[0.0, 2.0, 2.0, 1.0], 0.0, 5),
+            1,
+            "argmax, first on ties"
+        );
+        let u: Vec<f32> = (0..1000).map(|i| uniform(42, i)).collect();
+        assert!(u.iter().all(|&x| x > 0.0 && x < 1.0));
     }
 
     #[test]

@@ -10,6 +10,9 @@ use crate::ops::{strided_rows, AddRmsNorm, PagedAttention, Queries, RotaryQk};
 
 const ELEMENTWISE: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+const SAMPLING: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+/// Must match `SAMPLE_THREADS` in sampling.cu.
+const SAMPLE_THREADS: u32 = 256;
 /// Must match `PARTITION`, `WARPS_PER_BLOCK` and `TILE_THREADS` in attention.cu.
 const PARTITION: usize = 512;
 const WARPS_PER_BLOCK: u32 = 4;
@@ -204,6 +207,33 @@ pub(crate) fn write_kv(
         unsafe { b.launch(grid_for(rows.rows * row)) }.w()?;
         Ok(())
     })
+}
+
+pub(crate) fn sample_rows(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    rows: usize,
+    vocab: usize,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device.clone();
+    let func = dev.get_or_load_custom_func("sample_rows", "llava_sampling", SAMPLING)?;
+    let out: CudaSlice<u32> = unsafe { dev.alloc::<u32>(rows)? };
+    let (logits, params) = (view::<f32>(s1, l1)?, view::<u32>(s2, l2)?);
+    let mut b = func.builder();
+    b.arg(&logits);
+    b.arg(&params);
+    b.arg(&out);
+    candle_core::builder_arg!(b, rows as i32, vocab as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (SAMPLE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument list matches sample_rows in sampling.cu.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
 }
 
 pub(crate) fn upload_u32(

@@ -10,14 +10,17 @@
 //! - `upload_u32`: host data into an existing tensor, so step metadata keeps its device address;
 //! - `prefill_attention`: causal attention of a flattened batch over the paged cache, prompts in tiles of
 //!   queries that share key/value loads;
-//! - `decode_attention`: one query per sequence over the paged cache, long contexts split in partitions.
+//! - `decode_attention`: one query per sequence over the paged cache, long contexts split in partitions;
+//! - `sample_rows`: a token per row of logits (Gumbel-max draw at temperature T, argmax at 0), so the
+//!   logits never leave the device.
 
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod ops;
 
+pub use cpu::gumbel_argmax;
 pub use ops::{
-    add_rms_norm, decode_attention, prefill_attention, prefill_work, rotary_qk, silu_mul,
-    upload_u32, write_kv, PagedLayout, PrefillWork, PREFILL_TILE,
+    add_rms_norm, decode_attention, prefill_attention, prefill_work, rotary_qk, sample_rows,
+    sampling_params, silu_mul, upload_u32, write_kv, PagedLayout, PrefillWork, PREFILL_TILE,
 };

@@ -56,6 +56,7 @@ pub async fn prometheus(State(state): State<SharedState>) -> Response {
         gauge("llava_generated_tokens", m.generated_tokens);
         gauge("llava_engine_steps", m.steps);
         gauge("llava_fixed_decode_steps", m.fixed_decode_steps);
+        gauge("llava_tokens_chosen_in_place", m.tokens_chosen_in_place);
     }
     let text = super::metrics_recorder().render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()

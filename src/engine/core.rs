@@ -10,10 +10,10 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::{add, set, EngineMetrics};
-use super::runner::{BatchEntry, ModelRunner, StepLogits};
+use super::runner::{BatchEntry, ModelRunner, SamplePlan, StepLogits};
 use super::sampler::SequenceSampler;
 use super::EngineError;
-use crate::scheduler::{Scheduler, SeqId, SeqImage, Sequence};
+use crate::scheduler::{Scheduler, SchedulerOutput, SeqId, SeqImage, Sequence};
 use crate::types::{
     FinishReason, ProcessedImage, SamplingParams, TokenEvent, TokenizedPrompt, Usage,
 };
@@ -233,6 +233,7 @@ impl EngineCore {
         if out.is_empty() {
             return;
         }
+        let plan = self.sample_plan(&out);
         let batch: Vec<BatchEntry<'_>> = out
             .scheduled
             .iter()
@@ -250,12 +251,7 @@ impl EngineCore {
                 }
             })
             .collect();
-        let greedy_only = out
-            .scheduled
-            .iter()
-            .filter(|s| s.sample)
-            .all(|s| self.seqs[&s.seq_id].sampler.is_plain_greedy());
-        let result = self.runner.execute(&batch, greedy_only);
+        let result = self.runner.execute(&batch, &plan);
         drop(batch);
         let step = match result {
             Ok(step) => step,
@@ -289,7 +285,7 @@ impl EngineCore {
             let sampler = &mut self.seqs.get_mut(id).expect("scheduled").sampler;
             let s = match &step.logits {
                 StepLogits::Rows(rows) => sampler.sample(&rows[i]),
-                StepLogits::Argmax(tokens) => sampler.record(tokens[i]),
+                StepLogits::Tokens(tokens) => sampler.record(tokens[i]),
             };
             sampled.push((*id, s.token_id));
             logprobs.push(s.logprobs);
@@ -305,6 +301,9 @@ impl EngineCore {
         add(&m.steps, 1);
         add(&m.fixed_decode_steps, step.fixed_shape as u64);
         add(&m.generated_tokens, sampling.len() as u64);
+        if let StepLogits::Tokens(tokens) = &step.logits {
+            add(&m.tokens_chosen_in_place, tokens.len() as u64);
+        }
         add(&m.schedule_micros, schedule_micros);
         add(&m.prepare_micros, step.prepare_micros);
         add(&m.forward_micros, step.forward_micros);
@@ -317,6 +316,32 @@ impl EngineCore {
         add(&m.image_cache_hits, step.images.cache_hits);
         add(&m.image_encode_micros, step.images.encode_micros);
         add(&m.step_micros, step_started.elapsed().as_micros() as u64);
+    }
+
+    /// Greedy when every sampling row is; drawn on the device when every row can be (each then takes
+    /// its seed for this step from its own generator); else on the host.
+    fn sample_plan(&mut self, out: &SchedulerOutput) -> SamplePlan {
+        let rows: Vec<SeqId> = out
+            .scheduled
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| s.seq_id)
+            .collect();
+        let sampler = |id: &SeqId| &self.seqs[id].sampler;
+        if rows.iter().all(|id| sampler(id).is_plain_greedy()) {
+            SamplePlan::Greedy
+        } else if rows.iter().all(|id| sampler(id).runs_on_device()) {
+            SamplePlan::Device(
+                rows.iter()
+                    .map(|id| {
+                        let seq = self.seqs.get_mut(id).expect("scheduled");
+                        seq.sampler.device_params()
+                    })
+                    .collect(),
+            )
+        } else {
+            SamplePlan::Host
+        }
     }
 
     /// Sends a sampled token to its request and finishes the sequence when it should stop.

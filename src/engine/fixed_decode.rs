@@ -4,7 +4,7 @@
 use crate::model::static_decode::{batch_sizes, DecodeOutput, DecodeRow, StaticDecode};
 use crate::model::{KvCache, LlavaModel, ModelError};
 
-use super::runner::StepLogits;
+use super::runner::{SamplePlan, StepLogits};
 
 /// How decode steps run (`--enforce-eager` picks `Off`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,7 +74,7 @@ impl FixedDecode {
     pub fn execute(
         &self,
         rows: &[DecodeRow<'_>],
-        greedy_only: bool,
+        plan: &SamplePlan,
         model: &LlavaModel,
         kv_cache: &KvCache,
     ) -> Result<Option<StepLogits>, ModelError> {
@@ -84,7 +84,11 @@ impl FixedDecode {
         if self.captured && !size.has_graph() {
             return Ok(None);
         }
-        size.step.upload(rows)?;
+        let sampling = match plan {
+            SamplePlan::Device(params) => params.as_slice(),
+            _ => &[],
+        };
+        size.step.upload(rows, sampling)?;
         let owned;
         let output: &DecodeOutput = match size.replay()? {
             Some(out) => out,
@@ -93,10 +97,11 @@ impl FixedDecode {
                 &owned
             }
         };
-        Ok(Some(if greedy_only {
-            StepLogits::Argmax(output.argmax_rows(rows.len())?)
-        } else {
-            StepLogits::Rows(output.logits_rows(rows.len())?)
+        let n = rows.len();
+        Ok(Some(match plan {
+            SamplePlan::Greedy => StepLogits::Tokens(output.argmax_rows(n)?),
+            SamplePlan::Device(_) => StepLogits::Tokens(output.drawn_rows(n)?),
+            SamplePlan::Host => StepLogits::Rows(output.logits_rows(n)?),
         }))
     }
 }

@@ -20,6 +20,8 @@ pub struct EngineMetrics {
     /// Pure decode steps run through fixed-shape buffers (replayed CUDA graphs on a GPU).
     pub fixed_decode_steps: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Tokens chosen where the logits are (device argmax or draw): no logits copied to the host.
+    pub tokens_chosen_in_place: AtomicU64,
     /// Whole step time, and the parts of it that are bookkeeping rather than model work.
     pub step_micros: AtomicU64,
     pub schedule_micros: AtomicU64,
@@ -45,6 +47,7 @@ pub struct MetricsSnapshot {
     pub steps: u64,
     pub fixed_decode_steps: u64,
     pub generated_tokens: u64,
+    pub tokens_chosen_in_place: u64,
     pub step_micros: u64,
     pub schedule_micros: u64,
     pub prepare_micros: u64,
@@ -70,6 +73,7 @@ impl EngineMetrics {
             steps: r(&self.steps),
             fixed_decode_steps: r(&self.fixed_decode_steps),
             generated_tokens: r(&self.generated_tokens),
+            tokens_chosen_in_place: r(&self.tokens_chosen_in_place),
             step_micros: r(&self.step_micros),
             schedule_micros: r(&self.schedule_micros),
             prepare_micros: r(&self.prepare_micros),

@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::fixed_decode::{DecodeGraphs, FixedDecode};
 use super::inputs::{image_rows_in_range, pixel_values};
 use crate::model::attention::SequenceStep;
+use crate::model::sampling::sample_rows;
 use crate::model::static_decode::DecodeRow;
 use crate::model::{AttentionMetadata, ForwardInput, KvCache, LlavaModel, ModelError};
 use crate::scheduler::{ScheduledSeq, SeqImage};
@@ -73,11 +74,22 @@ pub struct ModelRunner {
     fixed_decode: Option<FixedDecode>,
 }
 
-/// What a step hands the sampler: each sampling sequence's logits, or (all greedy, on a GPU) the
-/// argmax already taken on the device, so the `[rows, vocab]` matrix never crosses to the host.
+/// What a step hands the sampler: each sampling sequence's logits, or the tokens already chosen where
+/// the logits are (argmax or Gumbel-max draw), so the `[rows, vocab]` matrix never crosses to the host.
 pub enum StepLogits {
     Rows(Vec<Vec<f32>>),
-    Argmax(Vec<u32>),
+    Tokens(Vec<u32>),
+}
+
+/// How a step's sampling rows get their tokens (decided by the engine core from the samplers).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SamplePlan {
+    /// Every row is plain greedy: the argmax, taken on the device when the model is on a GPU.
+    Greedy,
+    /// Every row can be drawn where the logits are: (temperature, seed) per sampling row.
+    Device(Vec<(f32, u64)>),
+    /// Some row needs the logits on the host (logprobs, penalties, bias, top-k/p, min-p).
+    Host,
 }
 
 /// Output of a step, in batch order.
@@ -155,15 +167,15 @@ impl ModelRunner {
         Ok(found)
     }
 
-    /// `greedy_only`: every sampling sequence just wants the argmax (no logprobs, penalties or bias).
+    /// `plan` says how the sampling rows (in batch order) get their tokens.
     pub fn execute(
         &mut self,
         batch: &[BatchEntry<'_>],
-        greedy_only: bool,
+        plan: &SamplePlan,
     ) -> Result<StepOutput, ModelError> {
         let started = Instant::now();
         if let (Some(fixed), Some(rows)) = (&self.fixed_decode, decode_rows(batch)) {
-            if let Some(logits) = fixed.execute(&rows, greedy_only, &self.model, &self.kv_cache)? {
+            if let Some(logits) = fixed.execute(&rows, plan, &self.model, &self.kv_cache)? {
                 return Ok(StepOutput {
                     logits,
                     images: StepImageStats::default(),
@@ -239,10 +251,12 @@ impl ModelRunner {
         } else {
             let rows = Tensor::new(logits_rows, &device)?;
             let logits = self.forward(&token_ids, &image_rows, &meta, &rows)?;
-            if greedy_only && !device.is_cpu() {
-                StepLogits::Argmax(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
-            } else {
-                StepLogits::Rows(logits.to_vec2::<f32>()?)
+            match plan {
+                SamplePlan::Greedy if !device.is_cpu() => {
+                    StepLogits::Tokens(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+                }
+                SamplePlan::Device(params) => StepLogits::Tokens(sample_rows(&logits, params)?),
+                _ => StepLogits::Rows(logits.to_vec2::<f32>()?),
             }
         };
         Ok(StepOutput {

@@ -2,6 +2,10 @@
 //! temperature sampling filtered by min_p, top_k and top_p, from the sequence's own seeded generator
 //! (so a seed gives the same tokens whatever else shares the batch). Log-probabilities are reported
 //! from the model's raw distribution, as vLLM does by default.
+//!
+//! Unfiltered temperature sampling draws by the Gumbel-max trick from one 64-bit seed per step taken
+//! from that generator. The same draw runs on the device (`model::sampling::sample_rows`) when nothing
+//! else needs the logits on the host, so a seeded request gets the same tokens either way.
 
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -56,7 +60,35 @@ impl SequenceSampler {
             && p.frequency_penalty == 0.0
     }
 
-    /// Takes a token chosen elsewhere (the device's argmax for a plain greedy step).
+    /// Plain greedy or unfiltered temperature sampling with nothing that needs the logits on the host:
+    /// the token can be chosen on the device (`device_params`, then `record`).
+    pub fn runs_on_device(&self) -> bool {
+        let p = &self.params;
+        p.logprobs.is_none()
+            && p.logit_bias.is_empty()
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && (p.temperature <= 0.0 || self.unfiltered())
+    }
+
+    /// No min_p, top_k or top_p: every token keeps its softmax(logits / T) probability.
+    fn unfiltered(&self) -> bool {
+        let p = &self.params;
+        p.min_p <= 0.0 && p.top_k == 0 && p.top_p >= 1.0
+    }
+
+    /// (temperature, noise seed) of this step's device draw; takes the seed from the generator, as
+    /// `sample` would.
+    pub fn device_params(&mut self) -> (f32, u64) {
+        if self.params.temperature > 0.0 {
+            (self.params.temperature, self.rng.random::<u64>())
+        } else {
+            (0.0, 0)
+        }
+    }
+
+    /// Takes a token chosen elsewhere (on the device, after `device_params`).
     pub fn record(&mut self, token_id: u32) -> Sampled {
         *self.output_counts.entry(token_id).or_default() += 1;
         Sampled {
@@ -70,6 +102,9 @@ impl SequenceSampler {
         self.apply_bias_and_penalties(&mut logits);
         let token_id = if self.params.temperature <= 0.0 {
             argmax(&logits)
+        } else if self.unfiltered() {
+            let seed = self.rng.random::<u64>();
+            crate::model::sampling::gumbel_argmax(&logits, self.params.temperature, seed)
         } else {
             let probs = filtered_probs(&logits, &self.params);
             draw(&probs, self.rng.random::<f64>())

@@ -159,3 +159,50 @@ fn logprobs_are_log_softmax_of_the_raw_logits() {
     assert_eq!(top, vec![3, 2]);
     assert!((got.top[1].logprob - 0.3f32.ln()).abs() < 1e-6);
 }
+
+#[test]
+fn unfiltered_temperature_draws_follow_softmax_and_match_the_device_draw() {
+    // softmax(ln p / 2) ∝ √p for p = [0.1, 0.2, 0.3, 0.4], by the Gumbel-max path.
+    let p = params(|p| {
+        p.temperature = 2.0;
+        p.seed = Some(3);
+    });
+    let mut s = SequenceSampler::new(&p, &[], 0);
+    assert!(s.runs_on_device());
+    let n = 20000;
+    let mut counts = [0usize; 4];
+    for _ in 0..n {
+        counts[s.sample(&logits()).token_id as usize] += 1;
+    }
+    let want: Vec<f64> = [0.1f64, 0.2, 0.3, 0.4].iter().map(|p| p.sqrt()).collect();
+    let total: f64 = want.iter().sum();
+    for (i, w) in want.iter().enumerate() {
+        let frac = counts[i] as f64 / n as f64;
+        assert!((frac - w / total).abs() < 0.015, "{i}: {frac}");
+    }
+    // The device path (seed from device_params, draw by gumbel_argmax) picks the same tokens.
+    let (mut host, mut device) = (
+        SequenceSampler::new(&p, &[], 1),
+        SequenceSampler::new(&p, &[], 1),
+    );
+    for _ in 0..50 {
+        let (t, seed) = device.device_params();
+        let drawn = crate::model::sampling::gumbel_argmax(&logits(), t, seed);
+        assert_eq!(
+            host.sample(&logits()).token_id,
+            device.record(drawn).token_id
+        );
+    }
+}
+
+#[test]
+fn only_unfiltered_rows_without_host_needs_run_on_the_device() {
+    let on = |f: fn(&mut SamplingParams)| SequenceSampler::new(&params(f), &[], 0).runs_on_device();
+    assert!(on(|_| {}));
+    assert!(on(|p| p.temperature = 0.0));
+    assert!(!on(|p| p.top_p = 0.9));
+    assert!(!on(|p| p.top_k = 5));
+    assert!(!on(|p| p.min_p = 0.1));
+    assert!(!on(|p| p.logprobs = Some(1)));
+    assert!(!on(|p| p.presence_penalty = 0.5));
+}

@@ -38,7 +38,7 @@ impl CapturedDecode {
         };
         let stream = device.cuda_stream();
         let _parameter_cache = device.enable_cuda_graph_htod_cache();
-        step.upload(&[])?;
+        step.upload(&[], &[])?;
         // Loads every module, sizes cuBLAS's workspace and fills the parameter cache.
         drop(step.run(model, kv_cache)?);
         stream.synchronize().map_err(|e| driver("warm-up", e))?;

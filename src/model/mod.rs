@@ -14,6 +14,7 @@ pub mod layers;
 pub mod llama;
 pub mod llava;
 pub mod projector;
+pub mod sampling;
 pub mod static_decode;
 
 pub use attention::{AttentionMetadata, SequenceAttention};

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use super::attention::{AttentionMetadata, KernelMetadata};
 use super::kv_cache::KvCache;
 use super::llava::LlavaModel;
+use super::sampling::sampling_params;
 use super::ModelError;
 
 /// One real sequence of a decode step: its newest token and where its context lives.
@@ -25,7 +26,8 @@ pub struct DecodeRow<'a> {
 }
 
 /// Inputs of one padded batch size, in one u32 buffer laid out as
-/// `tokens | positions | slots | context lengths` (`batch` each) then `batch × max_blocks` block tables.
+/// `tokens | positions | slots | context lengths` (`batch` each), the sampling parameters
+/// (`3 × batch`, as `sampling_params`), then `batch × max_blocks` block tables.
 pub struct StaticDecode {
     batch: usize,
     max_blocks: usize,
@@ -33,6 +35,7 @@ pub struct StaticDecode {
     scratch_block: u32,
     buffer: Tensor,
     tokens: Tensor,
+    sampling: Tensor,
     meta: AttentionMetadata,
 }
 
@@ -46,7 +49,7 @@ impl StaticDecode {
     ) -> Result<Self, ModelError> {
         let block_size = kv_cache.shape.block_size;
         let max_blocks = max_context.div_ceil(block_size).max(1);
-        let buffer = Tensor::zeros(batch * (4 + max_blocks), DType::U32, device)?;
+        let buffer = Tensor::zeros(batch * (7 + max_blocks), DType::U32, device)?;
         let part = |i: usize| buffer.narrow(0, i * batch, batch);
         let positions = part(1)?;
         let meta = AttentionMetadata {
@@ -58,7 +61,7 @@ impl StaticDecode {
                 token_seq: positions.clone(),
                 context_lens: part(3)?,
                 block_tables: buffer
-                    .narrow(0, 4 * batch, batch * max_blocks)?
+                    .narrow(0, 7 * batch, batch * max_blocks)?
                     .reshape((batch, max_blocks))?,
                 max_context: max_blocks * block_size,
                 block_size,
@@ -76,6 +79,7 @@ impl StaticDecode {
             block_size,
             scratch_block: kv_cache.shape.scratch_block(),
             tokens: part(0)?,
+            sampling: buffer.narrow(0, 4 * batch, 3 * batch)?,
             buffer,
             meta,
         })
@@ -86,8 +90,13 @@ impl StaticDecode {
         self.batch
     }
 
-    /// The buffer's host image for `rows`, padding rows after them.
-    pub fn pack(&self, rows: &[DecodeRow<'_>]) -> Result<Vec<u32>, ModelError> {
+    /// The buffer's host image for `rows`, padding rows after them; `sampling` holds (temperature,
+    /// seed) per row, or is empty when the step's tokens are not drawn.
+    pub fn pack(
+        &self,
+        rows: &[DecodeRow<'_>],
+        sampling: &[(f32, u64)],
+    ) -> Result<Vec<u32>, ModelError> {
         let (b, bs) = (self.batch, self.block_size);
         if rows.len() > b {
             return Err(ModelError::Config(format!(
@@ -95,7 +104,10 @@ impl StaticDecode {
                 rows.len()
             )));
         }
-        let mut packed = vec![0u32; b * (4 + self.max_blocks)];
+        let mut packed = vec![0u32; b * (7 + self.max_blocks)];
+        let mut params = sampling.to_vec();
+        params.resize(b, (0.0, 0));
+        packed[4 * b..7 * b].copy_from_slice(&sampling_params(&params));
         for i in 0..b {
             let (token, position, table) = match rows.get(i) {
                 Some(r) => (r.token, r.position, r.block_table),
@@ -114,22 +126,35 @@ impl StaticDecode {
             packed[b + i] = position as u32;
             packed[2 * b + i] = table[position / bs] * bs as u32 + (position % bs) as u32;
             packed[3 * b + i] = position as u32 + 1;
-            let row = 4 * b + i * self.max_blocks;
+            let row = 7 * b + i * self.max_blocks;
             packed[row..row + blocks].copy_from_slice(&table[..blocks]);
         }
         Ok(packed)
     }
 
     /// Writes the step's inputs into the buffers, in place.
-    pub fn upload(&self, rows: &[DecodeRow<'_>]) -> Result<(), ModelError> {
-        Ok(llava_kernels::upload_u32(&self.buffer, &self.pack(rows)?)?)
+    pub fn upload(
+        &self,
+        rows: &[DecodeRow<'_>],
+        sampling: &[(f32, u64)],
+    ) -> Result<(), ModelError> {
+        Ok(llava_kernels::upload_u32(
+            &self.buffer,
+            &self.pack(rows, sampling)?,
+        )?)
     }
 
-    /// Runs the step on whatever was uploaded: f32 logits `[batch, vocab]` and their argmax `[batch]`.
+    /// Runs the step on whatever was uploaded: f32 logits `[batch, vocab]`, their argmax and the tokens
+    /// drawn with the uploaded sampling parameters (`[batch]` each).
     pub fn run(&self, model: &LlavaModel, kv_cache: &KvCache) -> Result<DecodeOutput, ModelError> {
         let logits = model.decode_logits(&self.tokens, &self.meta, kv_cache)?;
         let argmax = logits.argmax(candle_core::D::Minus1)?;
-        Ok(DecodeOutput { logits, argmax })
+        let drawn = llava_kernels::sample_rows(&logits, &self.sampling)?;
+        Ok(DecodeOutput {
+            logits,
+            argmax,
+            drawn,
+        })
     }
 }
 
@@ -137,11 +162,16 @@ impl StaticDecode {
 pub struct DecodeOutput {
     pub logits: Tensor,
     pub argmax: Tensor,
+    pub drawn: Tensor,
 }
 
 impl DecodeOutput {
     pub fn argmax_rows(&self, rows: usize) -> Result<Vec<u32>, ModelError> {
         Ok(self.argmax.narrow(0, 0, rows)?.to_vec1::<u32>()?)
+    }
+
+    pub fn drawn_rows(&self, rows: usize) -> Result<Vec<u32>, ModelError> {
+        Ok(self.drawn.narrow(0, 0, rows)?.to_vec1::<u32>()?)
     }
 
     pub fn logits_rows(&self, rows: usize) -> Result<Vec<Vec<f32>>, ModelError> {
