@@ -270,7 +270,9 @@ async fn main() {
             max_num_seqs: 256,
             max_num_batched_tokens: 8192,
             max_num_encoder_tokens: 8192,
-            kv_cache_memory: if device.is_cpu() { 1 << 30 } else { 40 << 30 },
+            kv_cache_memory: 1 << 30,
+            // On the GPU the KV cache takes what 85% of its memory leaves (the server's default is 90%).
+            gpu_memory_utilization: (!device.is_cpu()).then_some(0.85),
             decode_graphs: if args.enforce_eager {
                 DecodeGraphs::Off
             } else {

@@ -114,9 +114,14 @@ pub struct EngineArgs {
     /// KV-cache size in blocks (overrides --kv-cache-memory).
     #[arg(long, env = "LLAVA_SERVER_NUM_KV_BLOCKS")]
     pub num_kv_blocks: Option<usize>,
-    /// KV-cache size in bytes; suffixes KiB, MiB, GiB accepted.
-    #[arg(long, env = "LLAVA_SERVER_KV_CACHE_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
-    pub kv_cache_memory: usize,
+    /// KV-cache size in bytes; suffixes KiB, MiB, GiB accepted (default: 1GiB on the CPU; on a GPU
+    /// what --gpu-memory-utilization leaves).
+    #[arg(long, env = "LLAVA_SERVER_KV_CACHE_MEMORY", value_parser = parse_bytes)]
+    pub kv_cache_memory: Option<usize>,
+    /// Share of the GPU's memory to fill (weights, activations, KV cache), when --kv-cache-memory
+    /// and --num-kv-blocks are not given.
+    #[arg(long, env = "LLAVA_SERVER_GPU_MEMORY_UTILIZATION", default_value_t = 0.9, value_parser = parse_share)]
+    pub gpu_memory_utilization: f64,
     /// Image embeddings kept by content hash.
     #[arg(long, env = "LLAVA_SERVER_IMAGE_CACHE_SIZE", default_value_t = 64)]
     pub image_cache_size: usize,
@@ -188,6 +193,14 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// A share in (0, 1].
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a share of memory in (0, 1]")),
+    }
+}
+
 fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(v)
         .map_err(|_| anyhow::anyhow!("{name} must be a non-negative number of seconds"))
@@ -231,7 +244,11 @@ impl ServeArgs {
                 max_num_encoder_tokens: e.max_num_batched_tokens,
                 block_size: e.block_size,
                 num_kv_blocks: e.num_kv_blocks,
-                kv_cache_memory: e.kv_cache_memory,
+                kv_cache_memory: e.kv_cache_memory.unwrap_or(1 << 30),
+                gpu_memory_utilization: match e.kv_cache_memory {
+                    None => Some(e.gpu_memory_utilization),
+                    Some(_) => None,
+                },
                 image_cache_size: e.image_cache_size,
                 eos_token_ids: Vec::new(),
                 decode_graphs: if e.enforce_eager {

@@ -152,3 +152,20 @@ fn dummy_weights_run_and_builtin_shapes_need_the_dummy_format() {
     let out = generate(&["--model", "llava-1.5-7b", "--prompt", "hi"], &[]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn a_memory_share_outside_zero_to_one_is_refused() {
+    for bad in ["0", "1.5", "-0.2", "most"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_llava-server"))
+            .args(["serve", &format!("--gpu-memory-utilization={bad}")])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--gpu-memory-utilization"), "{stderr}");
+        assert!(
+            stderr.contains("not a share of memory in (0, 1]"),
+            "{stderr}"
+        );
+    }
+}

@@ -25,9 +25,13 @@ pub struct EngineConfig {
     /// Image feature tokens encoded per step; at least one image's worth is always allowed.
     pub max_num_encoder_tokens: usize,
     pub block_size: usize,
-    /// Size of the KV pool in blocks; when `None`, `kv_cache_memory` bytes decide it.
+    /// Size of the KV pool in blocks; when `None`, `gpu_memory_utilization` (on a GPU) or else
+    /// `kv_cache_memory` bytes decide it.
     pub num_kv_blocks: Option<usize>,
     pub kv_cache_memory: usize,
+    /// On a GPU: the share of its memory this process may fill (weights, activations and the KV
+    /// cache, which gets what is left), as vLLM's flag. `None`: `kv_cache_memory` decides.
+    pub gpu_memory_utilization: Option<f64>,
     /// Projected image features kept by content hash.
     pub image_cache_size: usize,
     pub eos_token_ids: Vec<u32>,
@@ -44,6 +48,7 @@ impl Default for EngineConfig {
             block_size: 16,
             num_kv_blocks: None,
             kv_cache_memory: 1 << 30,
+            gpu_memory_utilization: None,
             image_cache_size: 64,
             eos_token_ids: vec![2],
             decode_graphs: DecodeGraphs::Auto,
@@ -109,9 +114,22 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
     }
     let shape = model.kv_cache_shape(1, config.block_size);
     let per_block = shape.bytes_per_token(model.dtype()) * config.block_size;
-    let num_blocks = config
-        .num_kv_blocks
-        .unwrap_or(config.kv_cache_memory / per_block.max(1));
+    let kv_bytes = match (config.gpu_memory_utilization, model.device_memory()?) {
+        (Some(share), Some(memory)) => {
+            let reserve = activation_reserve(&model, &config);
+            let bytes = kv_budget(memory, share, reserve);
+            tracing::info!(
+                free_mib = memory.free >> 20,
+                total_mib = memory.total >> 20,
+                reserve_mib = reserve >> 20,
+                kv_mib = bytes >> 20,
+                "KV cache sized from the GPU's memory"
+            );
+            bytes
+        }
+        _ => config.kv_cache_memory,
+    };
+    let num_blocks = config.num_kv_blocks.unwrap_or(kv_bytes / per_block.max(1));
     if num_blocks == 0 {
         return Err(ModelError::Config(format!(
             "the KV cache holds no block: one block needs {per_block} bytes"
@@ -184,6 +202,27 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
         metrics,
         limits,
     })
+}
+
+/// Bytes a step may need beside weights and KV cache: the activations of a full token budget (hidden
+/// states and the merged MLP rows, twice over for temporaries), the logits of every sequence (f32 and
+/// model dtype), room for the decode graphs' own copies of those, and 1 GiB for cuBLAS workspaces, the
+/// vision tower and fragmentation.
+fn activation_reserve(model: &LlavaModel, config: &EngineConfig) -> usize {
+    let t = &model.config.text;
+    let elem = model.dtype().size_in_bytes();
+    let tokens = config.max_num_batched_tokens;
+    let activations = tokens * (4 * t.hidden_size + 2 * t.intermediate_size) * elem * 2;
+    let logits = config.max_num_seqs * t.vocab_size * (4 + elem) * 2;
+    activations + logits + (1 << 30)
+}
+
+/// What the KV cache gets of a GPU: `share` of its memory, less what is already in use (weights,
+/// other processes) and the activation reserve; 0 when nothing is left.
+fn kv_budget(memory: crate::model::DeviceMemory, share: f64, reserve: usize) -> usize {
+    let allowed = (memory.total as f64 * share.clamp(0.0, 1.0)) as usize;
+    let used = memory.total.saturating_sub(memory.free);
+    allowed.saturating_sub(used).saturating_sub(reserve)
 }
 
 impl EngineHandle {
@@ -272,5 +311,28 @@ impl EngineHandle {
     pub fn shutdown(&self) {
         self.accepting.store(false, Ordering::Release);
         self.commands.lock().expect("not poisoned").take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kv_budget;
+    use crate::model::DeviceMemory;
+
+    #[test]
+    fn the_kv_cache_gets_the_allowed_share_less_what_is_used_and_reserved() {
+        const GIB: usize = 1 << 30;
+        let h100 = DeviceMemory {
+            total: 80 * GIB,
+            free: 66 * GIB,
+        };
+        // 72 GiB allowed, 14 GiB in use (the weights), 2 GiB reserved.
+        assert_eq!(kv_budget(h100, 0.9, 2 * GIB), 56 * GIB);
+        assert_eq!(kv_budget(h100, 0.1, 2 * GIB), 0, "nothing left");
+        assert_eq!(
+            kv_budget(h100, 1.5, 0),
+            66 * GIB,
+            "the share is capped at 1"
+        );
     }
 }

@@ -116,6 +116,22 @@ impl LlavaModel {
         self.decoder.uses_kernels()
     }
 
+    /// Free and total memory of the model's GPU; `None` on the CPU.
+    pub fn device_memory(&self) -> Result<Option<super::DeviceMemory>, ModelError> {
+        match &self.device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => {
+                let (free, total) = cuda
+                    .cuda_stream()
+                    .context()
+                    .mem_get_info()
+                    .map_err(|e| ModelError::Config(format!("cannot read GPU memory: {e}")))?;
+                Ok(Some(super::DeviceMemory { free, total }))
+            }
+            _ => Ok(None),
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }

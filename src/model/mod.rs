@@ -45,6 +45,13 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// A GPU's memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub free: usize,
+    pub total: usize,
+}
+
 /// How weights are obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadFormat {
