@@ -9,6 +9,8 @@
 // into partitions of PARTITION tokens across blocks and merges those in a second kernel.
 #include "common.cuh"
 #include <float.h>
+#include <mma.h>
+#include <type_traits>
 
 #define PARTITION 512
 #define WARPS_PER_BLOCK 4
@@ -232,6 +234,146 @@ __device__ void prefill_tiled(const T* q, const T* k_cache, const T* v_cache, co
   }
 }
 
+// The same tiling on tensor cores for f16/bf16: S = Q·Kᵀ and O += P·V as 16×16×16 WMMA products
+// (f32 accumulation), the online softmax in f32 between them. O lives in shared memory so that each
+// key tile can rescale its rows. Per key tile: warps 0-1 compute the two 16×16 score blocks, every
+// thread then updates one query row's softmax over 4 of the 32 keys (8 threads a row), and each warp
+// adds P·V into D/64 of the output's 16-column blocks.
+template <typename T, int D>
+__device__ void prefill_mma(const T* q, const T* k_cache, const T* v_cache, const uint32_t* positions,
+                            const uint32_t* token_seq, const uint32_t* tile_starts, const uint32_t* block_tables,
+                            int max_blocks, T* out, int tokens, int heads, int kv_heads, int block_size,
+                            float scale) {
+  using namespace nvcuda;
+  constexpr int LD = D + 8;          // 16-bit rows: a multiple of 8, keeps every fragment 32-byte aligned
+  constexpr int LDS = TILE_K + 4;    // f32 score rows
+  constexpr int LDP = TILE_K + 8;    // 16-bit probability rows
+  constexpr int LDO = D + 4;         // f32 output rows
+  constexpr int O_BLOCKS = D / 16 / WARPS_PER_BLOCK;  // output column blocks per warp
+  __shared__ __align__(32) T qs[TILE_Q * LD];
+  __shared__ __align__(32) T ks[TILE_K * LD];
+  __shared__ __align__(32) T vs[TILE_K * LD];
+  __shared__ __align__(32) float sc[TILE_Q * LDS];
+  __shared__ __align__(32) T ps[TILE_Q * LDP];
+  __shared__ __align__(32) float os[TILE_Q * LDO];
+  __shared__ int qpos[TILE_Q];
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int head = blockIdx.y, kvh = head / (heads / kv_heads);
+  const int t0 = tile_starts[blockIdx.x];
+  const uint32_t seq = token_seq[t0];
+  int nq = 0;
+  while (nq < TILE_Q && t0 + nq < tokens && token_seq[t0 + nq] == seq) ++nq;
+  const uint32_t* table = block_tables + (size_t)seq * max_blocks;
+
+  if (tid < TILE_Q) qpos[tid] = tid < nq ? (int)positions[t0 + tid] : -1;
+  for (int e = tid; e < TILE_Q * D; e += TILE_THREADS) {
+    const int i = e / D, d = e % D;
+    qs[i * LD + d] = i < nq ? q[((size_t)(t0 + i) * heads + head) * D + d] : from_float<T>(0.f);
+    os[i * LDO + d] = 0.f;
+  }
+  __syncthreads();
+  int last = 0;
+  for (int i = 0; i < nq; ++i) last = max(last, qpos[i]);
+
+  const int row = tid / 8, part = tid % 8;  // this thread's query row, and its 4 keys / D/8 dims
+  float m = -FLT_MAX, l = 0.f;
+
+  for (int kb = 0; kb <= last; kb += TILE_K) {
+    for (int e = tid; e < TILE_K * D; e += TILE_THREADS) {
+      const int j = e / D, d = e % D;
+      const int pos = kb + j;
+      T kv = from_float<T>(0.f), vv = from_float<T>(0.f);
+      if (pos <= last) {
+        const size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
+        const size_t at = (slot * kv_heads + kvh) * D + d;
+        kv = k_cache[at];
+        vv = v_cache[at];
+      }
+      ks[j * LD + d] = kv;
+      vs[j * LD + d] = vv;
+    }
+    __syncthreads();
+    if (warp < TILE_K / 16) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s;
+      wmma::fill_fragment(s, 0.f);
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // Kᵀ: K rows are its columns
+        wmma::load_matrix_sync(a, qs + k * 16, LD);
+        wmma::load_matrix_sync(b, ks + warp * 16 * LD + k * 16, LD);
+        wmma::mma_sync(s, a, b, s);
+      }
+      wmma::store_matrix_sync(sc + warp * 16, s, LDS, wmma::mem_row_major);
+    }
+    __syncthreads();
+    // Online softmax of row `row` over keys part*4 .. part*4+3 of the tile, the 8 threads of a row
+    // combining through shuffles (they are 8 consecutive lanes of one warp).
+    const int visible = qpos[row] - kb;  // keys j <= visible are seen (none for padding rows)
+    float score[4];
+    float tile_max = -FLT_MAX;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int j = part * 4 + c;
+      score[c] = sc[row * LDS + j] * scale;
+      if (j <= visible) tile_max = fmaxf(tile_max, score[c]);
+    }
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
+    const float m_new = fmaxf(m, tile_max);
+    const float correction = __expf(m - m_new);
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int j = part * 4 + c;
+      // The denominator sums the probabilities as rounded for the P·V product, so they stay consistent.
+      const T p = from_float<T>(j <= visible ? __expf(score[c] - m_new) : 0.f);
+      sum += to_float(p);
+      ps[row * LDP + j] = p;
+    }
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    l = l * correction + sum;
+    m = m_new;
+    for (int d = part; d < D; d += 8) os[row * LDO + d] *= correction;
+    __syncthreads();
+#pragma unroll
+    for (int b = 0; b < O_BLOCKS; ++b) {
+      const int col = (warp * O_BLOCKS + b) * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+      wmma::load_matrix_sync(o, os + col, LDO, wmma::mem_row_major);
+#pragma unroll
+      for (int k = 0; k < TILE_K / 16; ++k) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(a, ps + k * 16, LDP);
+        wmma::load_matrix_sync(b, vs + k * 16 * LD + col, LD);
+        wmma::mma_sync(o, a, b, o);
+      }
+      wmma::store_matrix_sync(os + col, o, LDO, wmma::mem_row_major);
+    }
+    __syncthreads();
+  }
+  if (row < nq) {
+    T* dst = out + ((size_t)(t0 + row) * heads + head) * D;
+    for (int d = part; d < D; d += 8) dst[d] = from_float<T>(os[row * LDO + d] / l);
+  }
+}
+
+// Tensor cores take the 16-bit types; f32 keeps the CUDA-core tiles.
+template <typename T, int D>
+__device__ void prefill(const T* q, const T* k_cache, const T* v_cache, const uint32_t* positions,
+                        const uint32_t* token_seq, const uint32_t* tile_starts, const uint32_t* block_tables,
+                        int max_blocks, T* out, int tokens, int heads, int kv_heads, int block_size, float scale) {
+  if constexpr (std::is_same<T, float>::value)
+    prefill_tiled<T, D>(q, k_cache, v_cache, positions, token_seq, tile_starts, block_tables, max_blocks, out,
+                        tokens, heads, kv_heads, block_size, scale);
+  else
+    prefill_mma<T, D>(q, k_cache, v_cache, positions, token_seq, tile_starts, block_tables, max_blocks, out,
+                      tokens, heads, kv_heads, block_size, scale);
+}
+
 // Decode, pass 1: one query per sequence; partition `part` covers [part * PARTITION, ...) of its context.
 // Partial results: acc [seqs, heads, parts, D] (relative to the partition's max), max and sum
 // [seqs, heads, parts]; an empty partition leaves sum 0, which the merge skips.
@@ -286,8 +428,8 @@ __device__ void decode_merge(const float* part_acc, const float* part_max, const
       const T* q, const T* kc, const T* vc, const uint32_t* pos, const uint32_t* seq,                      \
       const uint32_t* tiles, const uint32_t* tables, int max_blocks, T* out, int tokens, int heads,        \
       int kv_heads, int block_size, float scale) {                                                        \
-    prefill_tiled<T, D>(q, kc, vc, pos, seq, tiles, tables, max_blocks, out, tokens, heads, kv_heads,      \
-                        block_size, scale);                                                               \
+    prefill<T, D>(q, kc, vc, pos, seq, tiles, tables, max_blocks, out, tokens, heads, kv_heads, block_size, \
+                  scale);                                                                                 \
   }                                                                                                       \
   extern "C" __global__ void single_query_attention_##S##_d##D(                                            \
       const T* q, const T* kc, const T* vc, const uint32_t* pos, const uint32_t* seq,                      \
