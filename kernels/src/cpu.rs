@@ -48,13 +48,19 @@ pub fn rotary(x: &[f32], table: &[f32], positions: &[u32], heads: usize, dim: us
     out
 }
 
-/// Uniform in (0, 1) from a row's seed and a vocabulary index (splitmix64 finaliser, top 24 bits).
+/// Uniform in (0, 1) from a row's seed and a vocabulary index (splitmix64 finaliser, top 23 bits: with
+/// 24, `k + 0.5` would round the top value to exactly 1.0).
 pub fn uniform(seed: u64, i: u32) -> f32 {
     let mut z = seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
-    ((z >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0)
+    ((z >> 41) as f32 + 0.5) * (1.0 / 8_388_608.0)
+}
+
+/// Gumbel noise -ln(-ln u), the inner log as ln_1p(u - 1): exact near u = 1.
+fn gumbel(u: f32) -> f32 {
+    -(-(u - 1.0).ln_1p()).ln()
 }
 
 /// The argmax of `logits / temperature + Gumbel noise`: a draw from softmax(logits / temperature)
@@ -63,7 +69,7 @@ pub fn gumbel_argmax(logits: &[f32], temperature: f32, seed: u64) -> u32 {
     let mut best = (f32::MIN, 0u32);
     for (i, &l) in logits.iter().enumerate() {
         let score = if temperature > 0.0 {
-            l / temperature - (-uniform(seed, i as u32).ln()).ln()
+            l / temperature + gumbel(uniform(seed, i as u32))
         } else {
             l
         };
@@ -172,7 +178,10 @@ mod tests {
             1,
             "argmax, first on ties"
         );
-        let u: Vec<f32> = (0..1000).map(|i| uniform(42, i)).collect();
+        // The extreme noise inputs stay finite: the top 23-bit value is just below 1.
+        let top = (8_388_607f32 + 0.5) / 8_388_608.0;
+        assert!(top < 1.0 && gumbel(top).is_finite() && gumbel(0.5 / 8_388_608.0).is_finite());
+        let u: Vec<f32> = (0..100_000).map(|i| uniform(42, i)).collect();
         assert!(u.iter().all(|&x| x > 0.0 && x < 1.0));
     }
 

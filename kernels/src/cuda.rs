@@ -85,6 +85,9 @@ pub(crate) fn add_rms_norm(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device.clone();
     let (rows, dim) = l1.shape().dims2()?;
+    if rows == 0 {
+        return Ok((s1.try_clone(l1)?, Shape::from((0, dim))));
+    }
     let func = dev.get_or_load_custom_func(
         &format!("add_rms_norm_{}", suffix(s1.dtype())?),
         "llava_elementwise",
@@ -218,8 +221,11 @@ pub(crate) fn sample_rows(
     vocab: usize,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device.clone();
-    let func = dev.get_or_load_custom_func("sample_rows", "llava_sampling", SAMPLING)?;
     let out: CudaSlice<u32> = unsafe { dev.alloc::<u32>(rows)? };
+    if rows == 0 {
+        return Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(0)));
+    }
+    let func = dev.get_or_load_custom_func("sample_rows", "llava_sampling", SAMPLING)?;
     let (logits, params) = (view::<f32>(s1, l1)?, view::<u32>(s2, l2)?);
     let mut b = func.builder();
     b.arg(&logits);
@@ -275,6 +281,9 @@ pub(crate) fn paged_attention(
         by_dtype!(s1.dtype(), T => {
             let (q, kc, vc) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
             let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n * heads * dim)? };
+            if n == 0 {
+                return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()));
+            }
             match &op.queries {
                 Queries::Prefill { positions, token_seq, work } => with_u32(positions, |positions| {
                     with_u32(token_seq, |token_seq| {

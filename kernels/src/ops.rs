@@ -568,6 +568,10 @@ pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &Tensor) -> Result<()> {
         Ok(_) => src.clone(),
         Err(_) => src.contiguous()?,
     };
+    let rows = src.elem_count() / cache.dim(1)?.max(1);
+    if slots.elem_count() != rows {
+        candle_core::bail!("write_kv: {} slots for {rows} rows", slots.elem_count());
+    }
     cache.inplace_op3(&src, &slots.contiguous()?, &WriteKv)
 }
 

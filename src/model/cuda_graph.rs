@@ -46,18 +46,33 @@ impl CapturedDecode {
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(|e| driver("capture", e))?;
         let output = step.run(model, kv_cache);
-        // Capture must end whatever happened, or the stream stays unusable.
+        // Capture must end whatever happened, or the stream stays unusable: clear any error a failed
+        // free recorded first (cudarc reports it from the next call, which would skip the end).
+        let _ = stream.context().check_err();
         let graph = stream.end_capture(
             sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
         );
         let output = output?;
-        let graph = graph
-            .map_err(|e| driver("instantiation", e))?
-            .ok_or_else(|| ModelError::Config("CUDA graph capture recorded nothing".into()))?;
-        // Capturing ran nothing: launch once so the outputs' memory exists before anything frees it.
-        graph.launch().map_err(|e| driver("launch", e))?;
-        stream.synchronize().map_err(|e| driver("launch", e))?;
-        Ok(Self { output, graph })
+        // The outputs' addresses belong to the graph and are backed only once it has launched; if it
+        // never does, freeing them would fail and poison the next driver call, so they are forgotten.
+        let launched = graph
+            .map_err(|e| driver("instantiation", e))
+            .and_then(|g| {
+                g.ok_or_else(|| ModelError::Config("CUDA graph capture recorded nothing".into()))
+            })
+            .and_then(|g| {
+                // Capturing ran nothing: launch once so the outputs' memory exists.
+                g.launch().map_err(|e| driver("launch", e))?;
+                stream.synchronize().map_err(|e| driver("launch", e))?;
+                Ok(g)
+            });
+        match launched {
+            Ok(graph) => Ok(Self { output, graph }),
+            Err(e) => {
+                std::mem::forget(output);
+                Err(e)
+            }
+        }
     }
 
     /// Replays the step on the inputs last uploaded into `step`'s buffers.

@@ -30,6 +30,8 @@ pub struct DecodeRow<'a> {
 /// (`3 × batch`, as `sampling_params`), then `batch × max_blocks` block tables.
 pub struct StaticDecode {
     batch: usize,
+    /// Longest context a row may have (the rotary table's length).
+    max_context: usize,
     max_blocks: usize,
     block_size: usize,
     scratch_block: u32,
@@ -75,6 +77,7 @@ impl StaticDecode {
         };
         Ok(Self {
             batch,
+            max_context,
             max_blocks,
             block_size,
             scratch_block: kv_cache.shape.scratch_block(),
@@ -114,7 +117,7 @@ impl StaticDecode {
                 None => (0, 0, std::slice::from_ref(&self.scratch_block)),
             };
             let blocks = (position + 1).div_ceil(bs);
-            if blocks > self.max_blocks || blocks > table.len() {
+            if position >= self.max_context || blocks > self.max_blocks || blocks > table.len() {
                 return Err(ModelError::Config(format!(
                     "a context of {} tokens needs {blocks} blocks: the step holds {} and the table {}",
                     position + 1,

@@ -12,8 +12,13 @@ __device__ __forceinline__ float uniform(unsigned long long seed, unsigned int i
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   z ^= z >> 31;
-  return ((float)(z >> 40) + 0.5f) * (1.f / 16777216.f);
+  // 23 bits, so that k + 0.5 is exact in f32 and u stays below 1 (24 bits would round the top value
+  // to 1.0, an infinite Gumbel score).
+  return ((float)(z >> 41) + 0.5f) * (1.f / 8388608.f);
 }
+
+// Gumbel noise -ln(-ln u); the inner log as log1p(u - 1), exact near u = 1 where fast-math's logf is not.
+__device__ __forceinline__ float gumbel(float u) { return -logf(-log1pf(u - 1.f)); }
 
 // logits: [rows, vocab] f32; params: temperatures (f32 bits) [rows], seed low words [rows], seed high
 // words [rows]; out: [rows] u32. One block per row. Ties go to the lowest index, as torch's argmax.
@@ -31,7 +36,7 @@ extern "C" __global__ void sample_rows(const float* logits, const uint32_t* para
   int index = vocab;
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
     float score = l[i];
-    if (t > 0.f) score = score / t - logf(-logf(uniform(seed, i)));
+    if (t > 0.f) score = score / t + gumbel(uniform(seed, i));
     if (score > best) {  // i grows, so the first maximum of this thread's share is kept
       best = score;
       index = i;
