@@ -287,50 +287,39 @@ pub(crate) fn paged_attention(
             match &op.queries {
                 Queries::Prefill { positions, token_seq, work } => with_u32(positions, |positions| {
                     with_u32(token_seq, |token_seq| {
-                        let (tiles, singles) = (work.tiles.dim(0)?, work.singles.dim(0)?);
-                        if tiles > 0 {
-                            with_u32(&work.tiles, |tile_starts| {
-                                let func = dev.get_or_load_custom_func(&format!("prefill_attention_{sfx}_d{dim}"), "llava_attention", ATTENTION)?;
+                        // Both prefill kernels take the same arguments: an index list (tile starts or
+                        // single queries) and how many tokens respectively singles there are.
+                        let launch = |kernel: &str, index: &Tensor, count: usize, cfg: LaunchConfig| {
+                            with_u32(index, |index| {
+                                let func = dev.get_or_load_custom_func(&format!("{kernel}_{sfx}_d{dim}"), "llava_attention", ATTENTION)?;
                                 let mut b = func.builder();
                                 b.arg(&q);
                                 b.arg(&kc);
                                 b.arg(&vc);
                                 b.arg(&positions);
                                 b.arg(&token_seq);
-                                b.arg(&tile_starts);
+                                b.arg(&index);
                                 b.arg(&tables);
                                 candle_core::builder_arg!(b, max_blocks);
                                 b.arg(&out);
-                                candle_core::builder_arg!(b, n as i32, heads as i32, kv_heads, block_size, op.scale);
-                                let cfg = LaunchConfig {
-                                    grid_dim: (tiles as u32, heads as u32, 1),
-                                    block_dim: (TILE_THREADS, 1, 1),
-                                    shared_mem_bytes: 0,
-                                };
-                                // SAFETY: argument list matches prefill_attention_* in attention.cu; the
-                                // tiles start inside the batch.
+                                candle_core::builder_arg!(b, count as i32, heads as i32, kv_heads, block_size, op.scale);
+                                // SAFETY: argument list matches prefill_attention_* and
+                                // single_query_attention_* in attention.cu; indices lie inside the batch.
                                 unsafe { b.launch(cfg) }.w()?;
                                 Ok(())
-                            })?;
+                            })
+                        };
+                        let (tiles, singles) = (work.tiles.dim(0)?, work.singles.dim(0)?);
+                        if tiles > 0 {
+                            let cfg = LaunchConfig {
+                                grid_dim: (tiles as u32, heads as u32, 1),
+                                block_dim: (TILE_THREADS, 1, 1),
+                                shared_mem_bytes: 0,
+                            };
+                            launch("prefill_attention", &work.tiles, n, cfg)?;
                         }
                         if singles > 0 {
-                            with_u32(&work.singles, |single_tokens| {
-                                let func = dev.get_or_load_custom_func(&format!("single_query_attention_{sfx}_d{dim}"), "llava_attention", ATTENTION)?;
-                                let mut b = func.builder();
-                                b.arg(&q);
-                                b.arg(&kc);
-                                b.arg(&vc);
-                                b.arg(&positions);
-                                b.arg(&token_seq);
-                                b.arg(&single_tokens);
-                                b.arg(&tables);
-                                candle_core::builder_arg!(b, max_blocks);
-                                b.arg(&out);
-                                candle_core::builder_arg!(b, singles as i32, heads as i32, kv_heads, block_size, op.scale);
-                                // SAFETY: argument list matches single_query_attention_* in attention.cu.
-                                unsafe { b.launch(blocks(singles * heads)) }.w()?;
-                                Ok(())
-                            })?;
+                            launch("single_query_attention", &work.singles, singles, blocks(singles * heads))?;
                         }
                         Ok(())
                     })

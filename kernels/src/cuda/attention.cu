@@ -148,6 +148,27 @@ __device__ void single_query(const T* q, const T* k_cache, const T* v_cache, con
 #define TILE_K 32
 #define TILE_THREADS 128
 
+// The queries of tile blockIdx.x: its first token, how many follow in the same sequence (at most
+// TILE_Q), and that sequence's block table. Fills qpos with their positions, -1 for padding rows; the
+// caller synchronises before reading it.
+struct QueryTile {
+  int t0;
+  int nq;
+  const uint32_t* table;
+};
+
+__device__ QueryTile query_tile(const uint32_t* tile_starts, const uint32_t* token_seq, const uint32_t* positions,
+                                const uint32_t* block_tables, int max_blocks, int tokens, int* qpos) {
+  QueryTile tile;
+  tile.t0 = tile_starts[blockIdx.x];
+  const uint32_t seq = token_seq[tile.t0];
+  tile.nq = 0;
+  while (tile.nq < TILE_Q && tile.t0 + tile.nq < tokens && token_seq[tile.t0 + tile.nq] == seq) ++tile.nq;
+  tile.table = block_tables + (size_t)seq * max_blocks;
+  if (threadIdx.x < TILE_Q) qpos[threadIdx.x] = (int)threadIdx.x < tile.nq ? (int)positions[tile.t0 + threadIdx.x] : -1;
+  return tile;
+}
+
 template <typename T, int D>
 __device__ void prefill_tiled(const T* q, const T* k_cache, const T* v_cache, const uint32_t* positions,
                               const uint32_t* token_seq, const uint32_t* tile_starts, const uint32_t* block_tables,
@@ -163,13 +184,9 @@ __device__ void prefill_tiled(const T* q, const T* k_cache, const T* v_cache, co
 
   const int tid = threadIdx.x;
   const int head = blockIdx.y, kvh = head / (heads / kv_heads);
-  const int t0 = tile_starts[blockIdx.x];
-  const uint32_t seq = token_seq[t0];
-  int nq = 0;
-  while (nq < TILE_Q && t0 + nq < tokens && token_seq[t0 + nq] == seq) ++nq;
-  const uint32_t* table = block_tables + (size_t)seq * max_blocks;
-
-  if (tid < TILE_Q) qpos[tid] = tid < nq ? (int)positions[t0 + tid] : -1;
+  const QueryTile tile = query_tile(tile_starts, token_seq, positions, block_tables, max_blocks, tokens, qpos);
+  const int t0 = tile.t0, nq = tile.nq;
+  const uint32_t* table = tile.table;
   for (int e = tid; e < TILE_Q * D; e += TILE_THREADS) {
     const int i = e / D, d = e % D;
     qs[i][d] = i < nq ? to_float(q[((size_t)(t0 + i) * heads + head) * D + d]) * scale : 0.f;
@@ -250,6 +267,10 @@ __device__ void prefill_mma(const T* q, const T* k_cache, const T* v_cache, cons
   constexpr int LDP = TILE_K + 8;    // 16-bit probability rows
   constexpr int LDO = D + 4;         // f32 output rows
   constexpr int O_BLOCKS = D / 16 / WARPS_PER_BLOCK;  // output column blocks per warp
+  static_assert(sizeof(T) == 2, "tensor-core tiles take 16-bit types");
+  static_assert(TILE_Q == 16 && TILE_K == 32, "one 16-row score block per warp 0-1, 4 keys per thread");
+  static_assert(TILE_THREADS == 8 * TILE_Q && TILE_THREADS == 32 * WARPS_PER_BLOCK, "8 threads a row");
+  static_assert(D % (16 * WARPS_PER_BLOCK) == 0 && TILE_K / 16 <= WARPS_PER_BLOCK, "warp split");
   __shared__ __align__(32) T qs[TILE_Q * LD];
   __shared__ __align__(32) T ks[TILE_K * LD];
   __shared__ __align__(32) T vs[TILE_K * LD];
@@ -260,13 +281,9 @@ __device__ void prefill_mma(const T* q, const T* k_cache, const T* v_cache, cons
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int head = blockIdx.y, kvh = head / (heads / kv_heads);
-  const int t0 = tile_starts[blockIdx.x];
-  const uint32_t seq = token_seq[t0];
-  int nq = 0;
-  while (nq < TILE_Q && t0 + nq < tokens && token_seq[t0 + nq] == seq) ++nq;
-  const uint32_t* table = block_tables + (size_t)seq * max_blocks;
-
-  if (tid < TILE_Q) qpos[tid] = tid < nq ? (int)positions[t0 + tid] : -1;
+  const QueryTile tile = query_tile(tile_starts, token_seq, positions, block_tables, max_blocks, tokens, qpos);
+  const int t0 = tile.t0, nq = tile.nq;
+  const uint32_t* table = tile.table;
   for (int e = tid; e < TILE_Q * D; e += TILE_THREADS) {
     const int i = e / D, d = e % D;
     qs[i * LD + d] = i < nq ? q[((size_t)(t0 + i) * heads + head) * D + d] : from_float<T>(0.f);
@@ -280,18 +297,20 @@ __device__ void prefill_mma(const T* q, const T* k_cache, const T* v_cache, cons
   float m = -FLT_MAX, l = 0.f;
 
   for (int kb = 0; kb <= last; kb += TILE_K) {
-    for (int e = tid; e < TILE_K * D; e += TILE_THREADS) {
-      const int j = e / D, d = e % D;
+    // 16 bytes (8 values) per load: cache rows start at multiples of D, and LD keeps shared rows
+    // 16-byte aligned.
+    for (int e = tid; e < TILE_K * D / 8; e += TILE_THREADS) {
+      const int j = e / (D / 8), d = (e % (D / 8)) * 8;
       const int pos = kb + j;
-      T kv = from_float<T>(0.f), vv = from_float<T>(0.f);
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
       if (pos <= last) {
         const size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
         const size_t at = (slot * kv_heads + kvh) * D + d;
-        kv = k_cache[at];
-        vv = v_cache[at];
+        kv = *reinterpret_cast<const uint4*>(k_cache + at);
+        vv = *reinterpret_cast<const uint4*>(v_cache + at);
       }
-      ks[j * LD + d] = kv;
-      vs[j * LD + d] = vv;
+      *reinterpret_cast<uint4*>(ks + j * LD + d) = kv;
+      *reinterpret_cast<uint4*>(vs + j * LD + d) = vv;
     }
     __syncthreads();
     if (warp < TILE_K / 16) {
