@@ -107,7 +107,8 @@ fn elementwise_kernels_match_the_cpu_reference() {
 
 fn attention_kernels_match_the_cpu_reference() {
     let dev = gpu();
-    // Two sequences (one of 1100 tokens: three decode partitions), interleaved blocks of 16.
+    // Two sequences (1100 and 257 tokens: decode splits them in 5 partitions of 224, 3 of them empty
+    // for the shorter one), interleaved blocks of 16.
     let (block_size, max_blocks) = (16usize, 80usize);
     let tables: Vec<u32> = (0..2)
         .flat_map(|s| (0..max_blocks).map(move |b| (b * 2 + s) as u32))
@@ -468,7 +469,7 @@ pub fn run_all() {
     elementwise_kernels_match_the_cpu_reference();
     println!("ok: add_rms_norm, silu_mul, rotary_qk (bf16 ≤ 1e-2, f16 ≤ 1e-3)");
     attention_kernels_match_the_cpu_reference();
-    println!("ok: prefill and decode attention (head dims 64/128, GQA, 3 partitions)");
+    println!("ok: prefill and decode attention (head dims 64/128, GQA, 5 partitions, empty ones)");
     write_kv_writes_exactly_its_slots();
     println!("ok: write_kv (strided source rows)");
     device_draws_match_the_cpu_reference();

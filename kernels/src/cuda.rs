@@ -6,15 +6,14 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfi
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
-use crate::ops::{strided_rows, AddRmsNorm, PagedAttention, Queries, RotaryQk};
+use crate::ops::{decode_split, strided_rows, AddRmsNorm, PagedAttention, Queries, RotaryQk};
 
 const ELEMENTWISE: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
 const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const SAMPLING: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 /// Must match `SAMPLE_THREADS` in sampling.cu.
 const SAMPLE_THREADS: u32 = 256;
-/// Must match `PARTITION`, `WARPS_PER_BLOCK` and `TILE_THREADS` in attention.cu.
-const PARTITION: usize = 512;
+/// Must match `WARPS_PER_BLOCK` and `TILE_THREADS` in attention.cu.
 const WARPS_PER_BLOCK: u32 = 4;
 const TILE_THREADS: u32 = 128;
 
@@ -325,7 +324,7 @@ pub(crate) fn paged_attention(
                     })
                 })?,
                 Queries::Decode { context_lens, max_context } => with_u32(context_lens, |lens| {
-                    let parts = max_context.div_ceil(PARTITION).max(1);
+                    let (parts, part_len) = decode_split(*max_context, n * heads);
                     let items = n * heads * parts;
                     let acc: CudaSlice<f32> = unsafe { dev.alloc::<f32>(items * dim)? };
                     let mx: CudaSlice<f32> = unsafe { dev.alloc::<f32>(items)? };
@@ -341,7 +340,7 @@ pub(crate) fn paged_attention(
                     b.arg(&acc);
                     b.arg(&mx);
                     b.arg(&sm);
-                    candle_core::builder_arg!(b, n as i32, heads as i32, kv_heads, block_size, parts as i32, op.scale);
+                    candle_core::builder_arg!(b, n as i32, heads as i32, kv_heads, block_size, parts as i32, part_len as i32, op.scale);
                     // SAFETY: argument list matches decode_attention_partial_* in attention.cu.
                     unsafe { b.launch(blocks(items)) }.w()?;
                     let merge = dev.get_or_load_custom_func(&format!("decode_attention_merge_{sfx}_d{dim}"), "llava_attention", ATTENTION)?;

@@ -434,6 +434,19 @@ pub fn prefill_work(query_lens: &[usize]) -> (Vec<u32>, Vec<u32>) {
     (tiles, singles)
 }
 
+/// How decode attention splits each (sequence, head)'s context across blocks: `(parts, part_len)`.
+/// Small batches get many partitions (about 1024 blocks in all, so a lone query is not left to a few
+/// SMs), never shorter than 256 positions; a batch that fills the GPU by itself gets one. Graph
+/// replays pass the longest context the model allows, so the split depends on the batch size only.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn decode_split(max_context: usize, rows: usize) -> (usize, usize) {
+    let by_length = max_context.div_ceil(256).max(1);
+    let by_occupancy = 1024usize.div_ceil(rows.max(1));
+    let parts = by_length.min(by_occupancy).max(1);
+    let part_len = max_context.div_ceil(parts).next_multiple_of(32).max(32);
+    (max_context.div_ceil(part_len).max(1), part_len)
+}
+
 /// Which query attends to what: prefill (causal, per-token positions) or decode (one query per sequence).
 pub(crate) enum Queries {
     Prefill {
@@ -639,6 +652,23 @@ pub fn decode_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_splits_cover_the_context_and_shrink_as_batches_grow() {
+        for max_context in [1, 31, 300, 1100, 4096] {
+            let mut last_parts = usize::MAX;
+            for rows in [32, 64, 256, 1024, 8192] {
+                let (parts, len) = decode_split(max_context, rows);
+                assert!(parts * len >= max_context && (parts - 1) * len < max_context.max(1));
+                assert!(parts <= last_parts, "{max_context} {rows}");
+                last_parts = parts;
+            }
+        }
+        // One query of 32 heads over 4096 positions: 16 partitions of 256; a batch of 32 × 32 heads: 1.
+        assert_eq!(decode_split(4096, 32), (16, 256));
+        assert_eq!(decode_split(4096, 1024), (1, 4096));
+        assert_eq!(decode_split(1100, 64), (5, 224));
+    }
 
     #[test]
     fn prefill_work_covers_every_token_once_in_tiles_of_one_sequence() {

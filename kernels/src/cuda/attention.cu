@@ -6,13 +6,12 @@
 // each group reads one position at a time (a lane holds HEAD_DIM / 8 values), so 16 positions are in
 // flight per block: a lone decode query is not left waiting on one load after another. Every group
 // keeps an online softmax; the block merges the 16 states at the end. Decode splits long contexts
-// into partitions of PARTITION tokens across blocks and merges those in a second kernel.
+// into partitions across blocks and merges those in a second kernel.
 #include "common.cuh"
 #include <float.h>
 #include <mma.h>
 #include <type_traits>
 
-#define PARTITION 512
 #define WARPS_PER_BLOCK 4
 #define GROUP_LANES 8
 #define GROUPS (32 / GROUP_LANES)
@@ -393,14 +392,15 @@ __device__ void prefill(const T* q, const T* k_cache, const T* v_cache, const ui
                       tokens, heads, kv_heads, block_size, scale);
 }
 
-// Decode, pass 1: one query per sequence; partition `part` covers [part * PARTITION, ...) of its context.
+// Decode, pass 1: one query per sequence; partition `part` covers [part * part_len, ...) of its context
+// (the host picks part_len: many short partitions for small batches, one for large ones).
 // Partial results: acc [seqs, heads, parts, D] (relative to the partition's max), max and sum
-// [seqs, heads, parts]; an empty partition leaves sum 0, which the merge skips.
+// [seqs, heads, parts]; an empty partition only writes sum 0, which the merge skips.
 template <typename T, int D>
 __device__ void decode_partial(const T* q, const T* k_cache, const T* v_cache, const uint32_t* context_lens,
                                const uint32_t* block_tables, int max_blocks, float* part_acc, float* part_max,
                                float* part_sum, int seqs, int heads, int kv_heads, int block_size, int parts,
-                               float scale) {
+                               int part_len, float scale) {
   __shared__ float s_acc[WARPS_PER_BLOCK * D];
   __shared__ float s_max[WARPS_PER_BLOCK];
   __shared__ float s_sum[WARPS_PER_BLOCK];
@@ -410,7 +410,14 @@ __device__ void decode_partial(const T* q, const T* k_cache, const T* v_cache, c
   const int seq = sh / heads, head = sh % heads;
   const int kvh = head / (heads / kv_heads);
   const int len = context_lens[seq];
-  const int begin = part * PARTITION, end = min(len, begin + PARTITION);
+  const int begin = part * part_len, end = min(len, begin + part_len);
+  if (begin >= end) {  // the same for the whole block: a partition past this context
+    if (threadIdx.x == 0) {
+      part_max[item] = -FLT_MAX;
+      part_sum[item] = 0.f;
+    }
+    return;
+  }
   Attend<T, D> a;
   a.load_query(q + (size_t)sh * D, scale);
   a.run(k_cache, v_cache, block_tables + (size_t)seq * max_blocks, block_size, kv_heads, kvh, begin, end);
@@ -434,9 +441,12 @@ __device__ void decode_merge(const float* part_acc, const float* part_max, const
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float num = 0.f, den = 0.f;
     for (int p = 0; p < parts; ++p) {
-      const float w = part_sum[sh * parts + p] > 0.f ? __expf(part_max[sh * parts + p] - m) : 0.f;
-      num += w * part_acc[((size_t)sh * parts + p) * D + d];
-      den += w * part_sum[sh * parts + p];
+      const float sum = part_sum[sh * parts + p];
+      if (sum > 0.f) {  // an empty partition wrote no accumulator
+        const float w = __expf(part_max[sh * parts + p] - m);
+        num += w * part_acc[((size_t)sh * parts + p) * D + d];
+        den += w * sum;
+      }
     }
     out[(size_t)sh * D + d] = from_float<T>(num / den);
   }
@@ -460,9 +470,9 @@ __device__ void decode_merge(const float* part_acc, const float* part_max, const
   extern "C" __global__ void decode_attention_partial_##S##_d##D(                                         \
       const T* q, const T* kc, const T* vc, const uint32_t* lens, const uint32_t* tables, int max_blocks,  \
       float* acc, float* mx, float* sm, int seqs, int heads, int kv_heads, int block_size, int parts,      \
-      float scale) {                                                                                      \
+      int part_len, float scale) {                                                                        \
     decode_partial<T, D>(q, kc, vc, lens, tables, max_blocks, acc, mx, sm, seqs, heads, kv_heads,          \
-                         block_size, parts, scale);                                                       \
+                         block_size, parts, part_len, scale);                                             \
   }                                                                                                       \
   extern "C" __global__ void decode_attention_merge_##S##_d##D(const float* acc, const float* mx,          \
                                                                const float* sm, T* out, int sh, int parts) { \
