@@ -44,6 +44,10 @@ impl FixedDecode {
             DecodeGraphs::Off => return Ok(None),
             DecodeGraphs::Auto if !model.uses_attention_kernels() => return Ok(None),
             DecodeGraphs::Auto => true,
+            // The fixed-shape step runs the fused path: on a GPU only where its kernels exist.
+            DecodeGraphs::Padded if !model.device().is_cpu() && !model.uses_attention_kernels() => {
+                return Ok(None)
+            }
             DecodeGraphs::Padded => false,
         };
         let max_context = model.config.text.max_position_embeddings;

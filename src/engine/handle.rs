@@ -114,22 +114,36 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
     }
     let shape = model.kv_cache_shape(1, config.block_size);
     let per_block = shape.bytes_per_token(model.dtype()) * config.block_size;
-    let kv_bytes = match (config.gpu_memory_utilization, model.device_memory()?) {
-        (Some(share), Some(memory)) => {
-            let reserve = activation_reserve(&model, &config);
-            let bytes = kv_budget(memory, share, reserve);
-            tracing::info!(
-                free_mib = memory.free >> 20,
-                total_mib = memory.total >> 20,
-                reserve_mib = reserve >> 20,
-                kv_mib = bytes >> 20,
-                "KV cache sized from the GPU's memory"
-            );
-            bytes
-        }
-        _ => config.kv_cache_memory,
+    // Frees of the loading stream (e.g. the unmerged projections) count as used until it syncs.
+    model.device().synchronize()?;
+    let num_blocks = match (config.num_kv_blocks, config.gpu_memory_utilization) {
+        (Some(blocks), _) => blocks,
+        (None, Some(share)) => match model.device_memory()? {
+            Some(memory) => {
+                let reserve = activation_reserve(&model, &config);
+                let bytes = kv_budget(memory, share, reserve);
+                tracing::info!(
+                    free_mib = memory.free >> 20,
+                    total_mib = memory.total >> 20,
+                    reserve_mib = reserve >> 20,
+                    kv_mib = bytes >> 20,
+                    "KV cache sized from the GPU's memory"
+                );
+                if bytes < per_block {
+                    return Err(ModelError::Config(format!(
+                        "--gpu-memory-utilization {share} leaves no room for the KV cache: of {} MiB, \
+                         {} MiB are in use and {} MiB are kept for activations",
+                        memory.total >> 20,
+                        (memory.total - memory.free) >> 20,
+                        reserve >> 20
+                    )));
+                }
+                bytes / per_block
+            }
+            None => config.kv_cache_memory / per_block.max(1),
+        },
+        (None, None) => config.kv_cache_memory / per_block.max(1),
     };
-    let num_blocks = config.num_kv_blocks.unwrap_or(kv_bytes / per_block.max(1));
     if num_blocks == 0 {
         return Err(ModelError::Config(format!(
             "the KV cache holds no block: one block needs {per_block} bytes"

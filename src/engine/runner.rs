@@ -175,14 +175,21 @@ impl ModelRunner {
     ) -> Result<StepOutput, ModelError> {
         let started = Instant::now();
         if let (Some(fixed), Some(rows)) = (&self.fixed_decode, decode_rows(batch)) {
-            if let Some(logits) = fixed.execute(&rows, plan, &self.model, &self.kv_cache)? {
-                return Ok(StepOutput {
-                    logits,
-                    images: StepImageStats::default(),
-                    prepare_micros: 0,
-                    forward_micros: started.elapsed().as_micros() as u64,
-                    fixed_shape: true,
-                });
+            match fixed.execute(&rows, plan, &self.model, &self.kv_cache) {
+                Ok(Some(logits)) => {
+                    return Ok(StepOutput {
+                        logits,
+                        images: StepImageStats::default(),
+                        prepare_micros: 0,
+                        forward_micros: started.elapsed().as_micros() as u64,
+                        fixed_shape: true,
+                    })
+                }
+                Ok(None) => {}
+                // The eager path below recomputes the step (rewriting the same K/V slots).
+                Err(e) => {
+                    tracing::warn!(error = %e, "fixed-shape decode step failed; running it eagerly")
+                }
             }
         }
         let mut images = StepImageStats::default();

@@ -12,6 +12,10 @@ use std::collections::HashMap;
 
 use crate::types::{SamplingParams, StepLogprobs, TokenLogprob};
 
+/// Temperatures below this are greedy (as vLLM's sampling epsilon): dividing logits by them would
+/// overflow f32.
+const GREEDY_BELOW: f32 = 1e-5;
+
 /// Per-sequence sampling state.
 pub struct SequenceSampler {
     params: SamplingParams,
@@ -41,8 +45,12 @@ impl SequenceSampler {
         } else {
             Default::default()
         };
+        let mut params = params.clone();
+        if params.temperature < GREEDY_BELOW {
+            params.temperature = 0.0;
+        }
         Self {
-            params: params.clone(),
+            params,
             rng,
             output_counts: HashMap::new(),
             seen,

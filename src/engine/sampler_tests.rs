@@ -206,3 +206,12 @@ fn only_unfiltered_rows_without_host_needs_run_on_the_device() {
     assert!(!on(|p| p.logprobs = Some(1)));
     assert!(!on(|p| p.presence_penalty = 0.5));
 }
+
+#[test]
+fn a_vanishing_temperature_is_greedy() {
+    // logits / 1e-38 would overflow f32 to +inf for every positive logit; it must stay the argmax.
+    let p = params(|p| p.temperature = 1e-38);
+    let mut s = SequenceSampler::new(&p, &[], 0);
+    assert!(s.is_plain_greedy());
+    assert_eq!(s.sample(&[0.5, 2.0, 1.0]).token_id, 1);
+}
