@@ -117,6 +117,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             block_size: args.block_size,
             num_kv_blocks: Some((prompt_tokens + args.max_tokens).div_ceil(args.block_size)),
             eos_token_ids: eos_token_ids(&checkpoint.root),
+            // One sequence: on a GPU, one decode graph to capture rather than fifteen.
+            max_num_seqs: 1,
             ..EngineConfig::default()
         },
     )?;
