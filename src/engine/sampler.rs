@@ -57,27 +57,25 @@ impl SequenceSampler {
         }
     }
 
-    /// Greedy with nothing that needs the logits on the host (no logprobs, penalties or bias).
+    /// Greedy with nothing that needs the logits on the host.
     pub fn is_plain_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 && !self.needs_host_logits()
+    }
+
+    /// Logprobs, bias or penalties: the whole row of logits is read or changed on the host.
+    fn needs_host_logits(&self) -> bool {
         let p = &self.params;
-        p.temperature <= 0.0
-            && p.logprobs.is_none()
-            && p.logit_bias.is_empty()
-            && p.repetition_penalty == 1.0
-            && p.presence_penalty == 0.0
-            && p.frequency_penalty == 0.0
+        p.logprobs.is_some()
+            || !p.logit_bias.is_empty()
+            || p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
     }
 
     /// Plain greedy or unfiltered temperature sampling with nothing that needs the logits on the host:
     /// the token can be chosen on the device (`device_params`, then `record`).
     pub fn runs_on_device(&self) -> bool {
-        let p = &self.params;
-        p.logprobs.is_none()
-            && p.logit_bias.is_empty()
-            && p.repetition_penalty == 1.0
-            && p.presence_penalty == 0.0
-            && p.frequency_penalty == 0.0
-            && (p.temperature <= 0.0 || self.unfiltered())
+        !self.needs_host_logits() && (self.params.temperature <= 0.0 || self.unfiltered())
     }
 
     /// No min_p, top_k or top_p: every token keeps its softmax(logits / T) probability.

@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp3, Layout, Result, Tensor};
 
-use super::{f32_rows, strided_rows};
+use super::{f32_rows, strided_rows, u32_values};
 
 pub(crate) struct WriteKv;
 
@@ -23,15 +23,7 @@ impl InplaceOp3 for WriteKv {
     ) -> Result<()> {
         let row = l1.shape().dims2()?.1;
         let src = f32_rows(s2, &strided_rows(l2, row)?, row)?;
-        let slots = match s3 {
-            CpuStorage::U32(v) => {
-                let (a, b) = l3
-                    .contiguous_offsets()
-                    .ok_or_else(|| candle_core::Error::Msg("slots must be contiguous".into()))?;
-                v[a..b].to_vec()
-            }
-            _ => candle_core::bail!("slot mapping must be u32"),
-        };
+        let slots = u32_values(s3, l3, "the slot mapping")?;
         let start = l1.start_offset();
         macro_rules! write {
             ($v:expr, $conv:expr) => {

@@ -77,6 +77,15 @@ fn f32_rows(s: &CpuStorage, r: &Rows, cols: usize) -> Result<Vec<f32>> {
     })
 }
 
+/// A contiguous u32 operand of a CPU side, copied out; `what` names it in errors.
+pub(crate) fn u32_values(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<u32>> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::U32(v), Some((a, b))) => Ok(v[a..b].to_vec()),
+        (CpuStorage::U32(_), None) => candle_core::bail!("{what} must be contiguous"),
+        _ => candle_core::bail!("{what} must be u32"),
+    }
+}
+
 pub(crate) fn u32s(t: &Tensor) -> Result<Vec<u32>> {
     t.flatten_all()?.to_vec1::<u32>()
 }

@@ -2,7 +2,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::f32s;
+use super::{f32s, u32_values};
 use crate::cpu;
 
 /// One token per row of f32 logits `[rows, vocab]`, with `[3·rows]` u32 parameters: temperatures (f32
@@ -33,15 +33,7 @@ impl CustomOp2 for SampleRows {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = Self::rows(l1, l2)?;
         let logits = f32s(s1, l1)?;
-        let params = match s2 {
-            CpuStorage::U32(v) => {
-                let (a, b) = l2
-                    .contiguous_offsets()
-                    .ok_or_else(|| candle_core::Error::Msg("params must be contiguous".into()))?;
-                v[a..b].to_vec()
-            }
-            _ => candle_core::bail!("sample_rows parameters must be u32"),
-        };
+        let params = u32_values(s2, l2, "sample_rows parameters")?;
         let out = (0..rows)
             .map(|r| {
                 let seed = params[rows + r] as u64 | (params[2 * rows + r] as u64) << 32;
