@@ -30,6 +30,7 @@ use crate::types::StepLogprobs;
         (status = 400, description = "Invalid request", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 413, description = "Body too large", body = ErrorResponse),
         (status = 429, description = "Queue full", body = ErrorResponse),
         (status = 503, description = "Loading or shutting down", body = ErrorResponse),
     ),
