@@ -102,6 +102,7 @@ fn random_prompt(len: usize, seed: u64) -> TokenizedPrompt {
         token_ids,
         images: vec![],
         image_spans: vec![],
+        cache_salt: None,
     }
 }
 

@@ -69,6 +69,14 @@ pub struct ServeArgs {
     /// Requests allowed to wait beyond the running ones before 429.
     #[arg(long, env = "LLAVA_SERVER_MAX_QUEUED_REQUESTS", default_value_t = 1024)]
     pub max_queued_requests: usize,
+    /// Requests whose images are fetched and decoded and whose prompt is tokenized at once (others
+    /// wait, counted against the queue limit). Default: the number of CPU cores.
+    #[arg(long, env = "LLAVA_SERVER_MAX_CONCURRENT_PREPARATIONS")]
+    pub max_concurrent_preparations: Option<usize>,
+    /// Salt each request's prefix-cache entries with its API key, so that clients with different
+    /// keys never share cached blocks (and `cached_tokens` reveals nothing across keys).
+    #[arg(long, env = "LLAVA_SERVER_PREFIX_CACHE_SALT_PER_API_KEY")]
+    pub prefix_cache_salt_per_api_key: bool,
     /// Allow file:// image URLs under this folder.
     #[arg(long, env = "LLAVA_SERVER_ALLOWED_LOCAL_MEDIA_PATH")]
     pub allowed_local_media_path: Option<PathBuf>,
@@ -92,6 +100,13 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "LLAVA_SERVER_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
+    /// Connections open at once; more wait to be accepted.
+    #[arg(long, env = "LLAVA_SERVER_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Seconds a response write may make no progress (a client that stopped reading) before the
+    /// connection is closed and its request aborted.
+    #[arg(long, env = "LLAVA_SERVER_WRITE_TIMEOUT", default_value_t = 60.0)]
+    pub write_timeout: f64,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -227,6 +242,11 @@ impl ServeArgs {
                 max_body_bytes: self.max_body_bytes,
                 max_images_per_request: self.max_images_per_request,
                 max_queued_requests: self.max_queued_requests,
+                max_concurrent_preparations: self
+                    .max_concurrent_preparations
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+                    .max(1),
+                prefix_cache_salt_per_api_key: self.prefix_cache_salt_per_api_key,
                 max_running_requests: e.max_num_seqs,
             },
             media: MediaPolicy {
@@ -256,8 +276,11 @@ impl ServeArgs {
                 } else {
                     DecodeGraphs::Auto
                 },
+                fault_hook: None,
             },
             shutdown_timeout: seconds("--shutdown-timeout", self.shutdown_timeout)?,
+            max_connections: self.max_connections,
+            write_timeout: seconds("--write-timeout", self.write_timeout)?,
             model,
             load_format: self.load_format,
             dtype: self.dtype,

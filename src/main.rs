@@ -42,11 +42,15 @@ fn main() {
 }
 
 fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?
-        .block_on(f)
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(f);
+    // Dropping the runtime would wait for blocking work still running, e.g. a model load that
+    // SIGTERM interrupted: the process leaves now instead.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    result
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -26,6 +26,9 @@ pub struct TokenizedPrompt {
     pub token_ids: Vec<u32>,
     pub images: Vec<ProcessedImage>,
     pub image_spans: Vec<ImageSpan>,
+    /// Requests share prefix-cache blocks only with requests of the same salt (`cache_salt`, and the
+    /// API key's under `--prefix-cache-salt-per-api-key`).
+    pub cache_salt: Option<[u8; 32]>,
 }
 
 /// How to pick tokens and when to stop, per request (OpenAI / vLLM semantics).

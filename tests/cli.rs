@@ -101,7 +101,7 @@ fn unreadable_image_fails_cleanly() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("config.json") && stderr.contains("cannot decode image"),
+        stderr.contains("config.json") && stderr.contains("not a recognised image format"),
         "{stderr}"
     );
     let out = generate(&["--prompt", "hi", "--image", "/no/such.png"], &[]);

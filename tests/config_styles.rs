@@ -56,6 +56,7 @@ fn transformers5_config_runs_the_same_weights() {
         token_ids: common::ids(&case["input_ids"]),
         images: vec![],
         image_spans: vec![],
+        cache_salt: None,
     };
     let mut seq = llava_server::engine::single_sequence::SequenceState::new(
         &model,

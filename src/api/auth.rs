@@ -19,9 +19,13 @@ fn key_matches(given: &[u8], keys: &[String]) -> bool {
     })
 }
 
+/// The API key a request was admitted with, for handlers that key per-tenant state on it.
+#[derive(Debug, Clone)]
+pub struct ClientKey(pub String);
+
 pub async fn require_api_key(
     State(state): State<SharedState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let path = request.uri().path();
@@ -33,18 +37,34 @@ pub async fn require_api_key(
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token)
+        .map(str::to_owned);
     match given {
         Some(key) if key_matches(key.as_bytes(), &state.config.api_keys) => {
+            request.extensions_mut().insert(ClientKey(key));
             Ok(next.run(request).await)
         }
         _ => Err(ApiError::Unauthorized),
     }
 }
 
+/// The credentials of `Bearer <token>`: the scheme name is case-insensitive (RFC 9110 §11.1).
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_scheme_is_case_insensitive_and_the_token_is_not() {
+        assert_eq!(super::bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(super::bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(super::bearer_token("BEARER  Abc "), Some("Abc"));
+        assert_eq!(super::bearer_token("Basic abc"), None);
+        assert_eq!(super::bearer_token("Bearer"), None);
+    }
+
     #[test]
     fn any_configured_key_matches_and_nothing_else() {
         let keys = vec!["alpha".to_string(), "beta".to_string()];

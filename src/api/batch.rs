@@ -67,7 +67,7 @@ async fn run_line(state: SharedState, line: &str) -> (String, Result<serde_json:
                 "stream",
             ));
         }
-        let prepared = prepare_chat(&state, &req).await?;
+        let prepared = prepare_chat(&state, &req, None).await?;
         let response = complete_chat(&state, req.model, prepared).await?;
         Ok(serde_json::to_value(response).expect("wire types serialise"))
     }

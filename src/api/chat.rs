@@ -36,6 +36,7 @@ use super::wire::{
 )]
 pub async fn chat_completions(
     State(state): State<SharedState>,
+    client_key: Option<axum::Extension<super::auth::ClientKey>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: ChatCompletionRequest = parse_json(&state, body)?;
@@ -45,7 +46,8 @@ pub async fn chat_completions(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let prepared = prepare_chat(&state, &req).await?;
+    let key = client_key.as_ref().map(|k| k.0 .0.as_str());
+    let prepared = prepare_chat(&state, &req, key).await?;
     if stream {
         Ok(stream_chat(state, req.model, prepared, include_usage)?)
     } else {

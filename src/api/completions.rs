@@ -39,6 +39,7 @@ use crate::types::StepLogprobs;
 )]
 pub async fn completions(
     State(state): State<SharedState>,
+    client_key: Option<axum::Extension<super::auth::ClientKey>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_json(&state, body)?;
@@ -49,7 +50,8 @@ pub async fn completions(
             return Err(ApiError::invalid("`prompt` must be one string", "prompt"))
         }
     };
-    let prepared = prepare_completion(&state, &req.model, &prompt, &req.sampling)?;
+    let key = client_key.as_ref().map(|k| k.0 .0.as_str());
+    let prepared = prepare_completion(&state, &req.model, prompt, &req.sampling, key).await?;
     let include_usage = req
         .sampling
         .stream_options

@@ -26,7 +26,9 @@ pub enum ApiError {
     QueueFull,
     #[error("{0}")]
     Unavailable(String),
-    #[error("{0}")]
+    /// A server fault. Clients see only this generic text and the id; the details were logged under
+    /// the same id when the error was made (`ApiError::internal`), so nothing internal leaks.
+    #[error("the server could not complete this request (error id {0}); the details are in the server log")]
     Internal(String),
 }
 
@@ -36,6 +38,18 @@ impl ApiError {
             message: message.into(),
             param: param.into().map(str::to_owned),
         }
+    }
+
+    /// A server fault: `detail` goes to the log only, with an id the client also gets.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let id = format!("{started:x}-{n}");
+        tracing::error!(error_id = %id, "request failed: {detail}");
+        ApiError::Internal(id)
     }
 
     pub fn status(&self) -> StatusCode {
@@ -95,7 +109,7 @@ impl IntoResponse for ApiError {
 impl From<FrontendError> for ApiError {
     fn from(e: FrontendError) -> Self {
         match e {
-            FrontendError::Config(_) => ApiError::Internal(e.to_string()),
+            FrontendError::Config(_) => ApiError::internal(e),
             FrontendError::PromptTooLong { .. } => ApiError::invalid(e.to_string(), "messages"),
             _ => ApiError::invalid(e.to_string(), "messages"),
         }
@@ -113,7 +127,7 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::InvalidRequest(m) => ApiError::invalid(m, None),
             EngineError::ShuttingDown => ApiError::Unavailable(e.to_string()),
-            EngineError::Stopped | EngineError::Model(_) => ApiError::Internal(e.to_string()),
+            EngineError::Stopped | EngineError::Model(_) => ApiError::internal(e),
         }
     }
 }

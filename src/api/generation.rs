@@ -14,7 +14,6 @@ use super::wire::{
     ChatCompletionRequest, PromptTokensDetails, TokenLogprobWire, TopLogprobWire, UsageWire,
 };
 use crate::engine::RequestStream;
-use crate::frontend::media::check_dimensions;
 use crate::frontend::ChoiceText;
 use crate::types::{
     FinishReason, ProcessedImage, SamplingParams, StepLogprobs, TokenEvent, TokenizedPrompt,
@@ -24,6 +23,87 @@ use crate::types::{
 pub struct Prepared {
     pub prompt: TokenizedPrompt,
     pub params: SamplingParams,
+    /// Counted against the running + queued limit from admission, before any preparation work.
+    pub in_flight: InFlight,
+}
+
+/// What can be refused from the request alone, before anything is fetched, decoded or tokenized:
+/// the image count, and whether images and text could fit the context at all.
+fn check_before_preparing(
+    state: &AppState,
+    model: &ServedModel,
+    images: usize,
+    text_bytes: usize,
+    asked: Option<usize>,
+) -> Result<(), ApiError> {
+    let max_images = state.config.max_images_per_request;
+    if images > max_images {
+        return Err(ApiError::invalid(
+            format!("{images} images given; at most {max_images} per request"),
+            "messages",
+        ));
+    }
+    let per_image = model.builder.features_per_image();
+    let least = images * per_image + model.builder.min_tokens_for(text_bytes);
+    let context = model.max_model_len;
+    let prompt = if images == 0 {
+        format!("the prompt is at least {least} tokens")
+    } else {
+        format!("the prompt is at least {least} tokens ({images} images of {per_image} tokens each, and the text)")
+    };
+    match asked {
+        Some(m) if least + m > context => Err(ApiError::invalid(
+            format!("{prompt} and max_tokens is {m}: together they exceed the context of {context} tokens"),
+            "max_tokens",
+        )),
+        None if least >= context => Err(ApiError::invalid(
+            format!("{prompt}, which fills the context of {context} tokens"),
+            "messages",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The prefix-cache salt of a request: its `cache_salt`, and its API key when keys salt the cache.
+fn cache_salt(
+    state: &AppState,
+    client_key: Option<&str>,
+    requested: Option<&str>,
+) -> Result<Option<[u8; 32]>, ApiError> {
+    use sha2::{Digest, Sha256};
+    if requested == Some("") {
+        return Err(ApiError::invalid(
+            "`cache_salt` must not be empty",
+            "cache_salt",
+        ));
+    }
+    let key = client_key.filter(|_| state.config.prefix_cache_salt_per_api_key);
+    if key.is_none() && requested.is_none() {
+        return Ok(None);
+    }
+    let mut hash = Sha256::new();
+    // Length-prefixed parts, so no key/salt pair can produce another pair's bytes.
+    for part in [key, requested] {
+        let bytes = part.map_or(&[][..], str::as_bytes);
+        hash.update((part.is_some() as u8).to_le_bytes());
+        hash.update((bytes.len() as u64).to_le_bytes());
+        hash.update(bytes);
+    }
+    Ok(Some(hash.finalize().into()))
+}
+
+/// Admission, then a place in the bounded preparation stage: work on the request's images and text
+/// starts only within both limits.
+async fn admit_and_wait(
+    state: &SharedState,
+) -> Result<(InFlight, tokio::sync::SemaphorePermit<'_>), ApiError> {
+    let in_flight = state.admit()?;
+    let permit = state
+        .preparing
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
+    Ok((in_flight, permit))
 }
 
 /// Fills in `max_tokens` (the rest of the context when the client left it out) and checks the fit.
@@ -61,16 +141,6 @@ async fn load_images(
     model: &ServedModel,
     urls: Vec<String>,
 ) -> Result<Vec<ProcessedImage>, ApiError> {
-    if urls.len() > state.config.max_images_per_request {
-        return Err(ApiError::invalid(
-            format!(
-                "{} images given; at most {} per request",
-                urls.len(),
-                state.config.max_images_per_request
-            ),
-            "messages",
-        ));
-    }
     let fetched = futures_util::future::join_all(urls.iter().map(|u| state.media.fetch(u))).await;
     let mut bytes = Vec::with_capacity(fetched.len());
     for f in fetched {
@@ -82,14 +152,11 @@ async fn load_images(
     let images = tokio::task::spawn_blocking(move || {
         bytes
             .iter()
-            .map(|b| {
-                check_dimensions(b, max_pixels)?;
-                Ok(processor.process_bytes(b)?)
-            })
+            .map(|b| Ok(processor.process_bytes_within(b, max_pixels)?))
             .collect::<Result<Vec<_>, ApiError>>()
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("image worker failed: {e}")))??;
+    .map_err(|e| ApiError::internal(format!("image worker failed: {e}")))??;
     if !images.is_empty() {
         metrics::histogram!("llava_image_preprocess_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -101,52 +168,78 @@ async fn load_images(
 pub async fn prepare_chat(
     state: &SharedState,
     req: &ChatCompletionRequest,
+    client_key: Option<&str>,
 ) -> Result<Prepared, ApiError> {
     state.check_model(&req.model)?;
     let model = state.served()?;
     let (mut params, asked) = sampling_params(&req.sampling, true, model.vocab_size)?;
+    let salt = cache_salt(state, client_key, req.sampling.cache_salt.as_deref())?;
     let (messages, urls) = chat_messages(&req.messages)?;
+    let text_bytes = messages.iter().flat_map(|m| &m.parts).map(|p| match p {
+        crate::frontend::MessagePart::Text(t) => t.len(),
+        crate::frontend::MessagePart::Image => 0,
+    });
+    check_before_preparing(state, model, urls.len(), text_bytes.sum(), asked)?;
+    let (in_flight, _preparing) = admit_and_wait(state).await?;
     let images = load_images(state, model, urls).await?;
     let builder = model.builder.clone();
-    let prompt = tokio::task::spawn_blocking(move || builder.build(&messages, images, 0))
+    let mut prompt = tokio::task::spawn_blocking(move || builder.build(&messages, images, 0))
         .await
-        .map_err(|e| ApiError::Internal(format!("tokenizer worker failed: {e}")))??;
+        .map_err(|e| ApiError::internal(format!("tokenizer worker failed: {e}")))??;
+    prompt.cache_salt = salt;
     resolve_max_tokens(
         &mut params,
         asked,
         prompt.token_ids.len(),
         model.max_model_len,
     )?;
-    Ok(Prepared { prompt, params })
+    Ok(Prepared {
+        prompt,
+        params,
+        in_flight,
+    })
 }
 
-/// Validation and tokenization of a plain text completion request (no images, no template).
-pub fn prepare_completion(
+/// Validation and tokenization of a plain text completion request (no images, no template), the
+/// tokenization off the async runtime and only after a length bound that needs none.
+pub async fn prepare_completion(
     state: &SharedState,
     model_name: &str,
-    prompt: &str,
+    prompt: String,
     sampling: &super::wire::SamplingFields,
+    client_key: Option<&str>,
 ) -> Result<Prepared, ApiError> {
     state.check_model(model_name)?;
     let model = state.served()?;
     let (mut params, asked) = sampling_params(sampling, false, model.vocab_size)?;
-    let prompt = model.builder.tokenize(prompt, Vec::new(), 0)?;
+    let salt = cache_salt(state, client_key, sampling.cache_salt.as_deref())?;
+    check_before_preparing(state, model, 0, prompt.len(), asked)?;
+    let (in_flight, _preparing) = admit_and_wait(state).await?;
+    let builder = model.builder.clone();
+    let mut prompt = tokio::task::spawn_blocking(move || builder.tokenize(&prompt, Vec::new(), 0))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizer worker failed: {e}")))??;
+    prompt.cache_salt = salt;
     resolve_max_tokens(
         &mut params,
         asked,
         prompt.token_ids.len(),
         model.max_model_len,
     )?;
-    Ok(Prepared { prompt, params })
+    Ok(Prepared {
+        prompt,
+        params,
+        in_flight,
+    })
 }
 
-/// Submits a prepared request under the queue limit.
+/// Submits a prepared (and so already admitted) request.
 pub fn submit(
     state: &SharedState,
     prepared: Prepared,
 ) -> Result<(RequestStream, InFlight, Arc<Tokenizer>, UsageWire), ApiError> {
     let model = state.served()?;
-    let guard = state.admit()?;
+    let guard = prepared.in_flight;
     let usage = UsageWire {
         prompt_tokens: prepared.prompt.token_ids.len(),
         prompt_tokens_details: PromptTokensDetails {
@@ -293,9 +386,7 @@ pub async fn run_to_completion(
     let mut logprobs = vec![Vec::new(); n];
     while choices.iter().any(|c| c.finish.is_none()) {
         let Some(event) = stream.next().await else {
-            return Err(ApiError::Internal(
-                "the engine ended the request early".into(),
-            ));
+            return Err(ApiError::internal("the engine ended the request early"));
         };
         let event = event?;
         let delta = choices[event.index].apply(&event)?;
@@ -342,7 +433,7 @@ pub async fn pump_events(
             Some(Ok(event)) => event,
             Some(Err(e)) => return Err(sink.fail(&ApiError::from(e))),
             None => {
-                let e = ApiError::Internal("the engine ended the request early".into());
+                let e = ApiError::internal("the engine ended the request early");
                 return Err(sink.fail(&e));
             }
         };

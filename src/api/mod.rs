@@ -9,6 +9,7 @@ pub mod chat;
 pub mod completions;
 pub mod error;
 pub mod generation;
+pub mod listener;
 pub mod misc;
 pub mod openapi;
 pub mod server;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use super::listener::BoundedListener;
 use super::state::{ApiConfig, AppState, ServedModel, SharedState};
 use crate::engine::{self, EngineConfig};
 use crate::frontend::media::{MediaFetcher, MediaPolicy};
@@ -29,6 +30,9 @@ pub struct ServeOptions {
     pub media: MediaPolicy,
     pub engine: EngineConfig,
     pub shutdown_timeout: Duration,
+    pub max_connections: usize,
+    /// How long a response write may stall before its connection is closed.
+    pub write_timeout: Duration,
 }
 
 /// Loads the model (real or dummy weights), tokenizer, template and image processor, and starts the engine.
@@ -75,6 +79,7 @@ pub async fn spawn(
         .await
         .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
     let addr = listener.local_addr()?;
+    let listener = BoundedListener::new(listener, opts.max_connections, opts.write_timeout);
     tracing::info!(%addr, "listening; loading the model");
     let loader = {
         let state = state.clone();
@@ -94,6 +99,7 @@ pub async fn spawn(
     };
     let app = super::router(state.clone());
     let drain_state = state.clone();
+    let watched_state = state.clone();
     let timeout = opts.shutdown_timeout;
     let task = tokio::spawn(async move {
         let graceful = async move {
@@ -102,11 +108,12 @@ pub async fn spawn(
             if let Some(model) = drain_state.model.get() {
                 model.engine.shutdown();
             }
-            // In-flight requests get `timeout`; after that the process leaves regardless.
+            // In-flight requests get `timeout`; after that the process leaves regardless, and says
+            // with its exit status that requests were cut off.
             tokio::spawn(async move {
                 tokio::time::sleep(timeout).await;
-                tracing::warn!("shutdown timeout reached; exiting");
-                std::process::exit(0);
+                tracing::warn!("shutdown timeout reached with requests still running; exiting");
+                std::process::exit(1);
             });
         };
         let server = axum::serve(listener, app)
@@ -118,9 +125,26 @@ pub async fn spawn(
             served = &mut server => return served.context("server failed"),
             loaded = loader => loaded.context("model loader panicked")??,
         }
-        server.await.context("server failed")
+        // So does an engine that stopped on faults: `/health` already says 503, and a non-zero exit
+        // lets the supervisor (systemd, Kubernetes) restart the process.
+        tokio::select! {
+            served = &mut server => served.context("server failed"),
+            () = engine_failure(watched_state) => {
+                anyhow::bail!("the engine stopped after repeated faults; exiting so that a supervisor restarts the server")
+            }
+        }
     });
     Ok(RunningServer { addr, state, task })
+}
+
+/// Resolves once the served model's engine has failed.
+async fn engine_failure(state: SharedState) {
+    loop {
+        if state.model.get().is_some_and(|m| m.engine.has_failed()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

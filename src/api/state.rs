@@ -28,6 +28,10 @@ pub struct ApiConfig {
     /// Requests allowed to wait beyond those the engine runs at once.
     pub max_queued_requests: usize,
     pub max_running_requests: usize,
+    /// Width of the preparation stage (image fetch and decode, tokenization).
+    pub max_concurrent_preparations: usize,
+    /// Salt every request's prefix-cache entries with its API key: tenants never share cached blocks.
+    pub prefix_cache_salt_per_api_key: bool,
 }
 
 pub struct AppState {
@@ -37,6 +41,8 @@ pub struct AppState {
     pub created: u64,
     pub system_fingerprint: String,
     in_flight: AtomicUsize,
+    /// Permits of the preparation stage: requests past it wait here, already counted in flight.
+    pub preparing: tokio::sync::Semaphore,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -54,6 +60,7 @@ impl Drop for InFlight {
 
 impl AppState {
     pub fn new(config: ApiConfig, media: MediaFetcher) -> Self {
+        let config_preparations = config.max_concurrent_preparations.max(1);
         Self {
             config,
             model: OnceLock::new(),
@@ -61,14 +68,22 @@ impl AppState {
             created: unix_now(),
             system_fingerprint: format!("llava-server-{}", env!("CARGO_PKG_VERSION")),
             in_flight: AtomicUsize::new(0),
+            preparing: tokio::sync::Semaphore::new(config_preparations),
         }
     }
 
-    /// The model, or 503 while it is still loading.
+    /// The model, or 503 while it is still loading or after its engine failed.
     pub fn served(&self) -> Result<&ServedModel, ApiError> {
-        self.model
+        let model = self
+            .model
             .get()
-            .ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))
+            .ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))?;
+        if model.engine.has_failed() {
+            return Err(ApiError::Unavailable(
+                "the engine failed and the server is stopping".into(),
+            ));
+        }
+        Ok(model)
     }
 
     /// 404 unless `name` is the served model's name.

@@ -12,6 +12,8 @@ use crate::types::SamplingParams;
 pub const MAX_N: u32 = 16;
 /// Most alternatives per token in logprobs (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Longest stop sequence: every choice scans its recent text for each stop after every token.
+pub const MAX_STOP_BYTES: usize = 1024;
 
 fn check_range(name: &'static str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {
     match v {
@@ -85,6 +87,12 @@ pub fn sampling_params(
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid(
             "`stop` sequences must not be empty",
+            "stop",
+        ));
+    }
+    if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            format!("`stop` sequences must be at most {MAX_STOP_BYTES} bytes long"),
             "stop",
         ));
     }

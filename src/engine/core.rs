@@ -9,6 +9,10 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+#[path = "supervision.rs"]
+mod supervision;
+
+use super::handle::StepFaultHook;
 use super::metrics::{add, set, EngineMetrics};
 use super::runner::{BatchEntry, ModelRunner, SamplePlan, StepLogits};
 use super::sampler::SequenceSampler;
@@ -53,6 +57,9 @@ struct SeqState {
     max_len: usize,
 }
 
+pub(super) use supervision::Ended;
+use supervision::StepOutcome;
+
 pub(super) struct EngineCore {
     pub scheduler: Scheduler,
     pub runner: ModelRunner,
@@ -62,6 +69,10 @@ pub(super) struct EngineCore {
     requests: HashMap<RequestId, RequestState>,
     seqs: HashMap<SeqId, SeqState>,
     next_seq: SeqId,
+    /// The requests of the step being run: what a fault inside it fails.
+    step_requests: Vec<RequestId>,
+    consecutive_faults: u32,
+    pub fault_hook: Option<StepFaultHook>,
 }
 
 impl EngineCore {
@@ -81,11 +92,15 @@ impl EngineCore {
             requests: HashMap::new(),
             seqs: HashMap::new(),
             next_seq: 0,
+            step_requests: Vec::new(),
+            consecutive_faults: 0,
+            fault_hook: None,
         }
     }
 
-    /// Runs until the command channel closes and no work is left.
-    pub fn run(mut self, commands: Receiver<Command>) {
+    /// Runs until the command channel closes and no work is left, or until steps keep failing (then
+    /// every request still known gets an error).
+    pub fn run(&mut self, commands: Receiver<Command>) -> Ended {
         let mut open = true;
         loop {
             if !self.scheduler.has_work() {
@@ -108,11 +123,14 @@ impl EngineCore {
                 }
             }
             self.drop_abandoned();
-            if self.scheduler.has_work() {
-                self.step();
+            if self.scheduler.has_work() && !self.supervised_step() {
+                self.fail_all("the engine stopped after repeated faults");
+                self.publish_gauges();
+                return Ended::Failed;
             }
             self.publish_gauges();
         }
+        Ended::Drained
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -166,6 +184,7 @@ impl EngineCore {
             let id = self.next_seq;
             self.next_seq += 1;
             let mut seq = Sequence::new(id, sub.prompt.token_ids.clone(), images.clone());
+            seq.cache_salt = sub.prompt.cache_salt;
             // Later choices wait for the first one's prompt, then reuse its blocks.
             seq.wait_for = seq_ids.first().copied();
             self.scheduler.add(seq);
@@ -226,12 +245,29 @@ impl EngineCore {
         }
     }
 
-    fn step(&mut self) {
+    fn step(&mut self) -> StepOutcome {
         let step_started = Instant::now();
         let out = self.scheduler.schedule();
         let schedule_micros = step_started.elapsed().as_micros() as u64;
         if out.is_empty() {
-            return;
+            return StepOutcome::Done;
+        }
+        for s in &out.scheduled {
+            if let Some(q) = self.seqs.get(&s.seq_id) {
+                if !self.step_requests.contains(&q.request) {
+                    self.step_requests.push(q.request);
+                }
+            }
+        }
+        if let Some(hook) = &self.fault_hook {
+            let params: Vec<&SamplingParams> = self
+                .step_requests
+                .iter()
+                .map(|id| &self.requests[id].params)
+                .collect();
+            if (hook.0)(&params) {
+                panic!("injected step fault");
+            }
         }
         let plan = self.sample_plan(&out);
         let batch: Vec<BatchEntry<'_>> = out
@@ -255,21 +291,7 @@ impl EngineCore {
         drop(batch);
         let step = match result {
             Ok(step) => step,
-            Err(e) => {
-                tracing::error!(error = %e, "model step failed; failing its requests");
-                let failed: Vec<RequestId> = out
-                    .scheduled
-                    .iter()
-                    .filter_map(|s| self.seqs.get(&s.seq_id).map(|q| q.request))
-                    .collect();
-                for id in failed {
-                    if let Some(req) = self.requests.get(&id) {
-                        let _ = req.events.send(Err(EngineError::Model(e.to_string())));
-                    }
-                    self.finish_request(id);
-                }
-                return;
-            }
+            Err(e) => return StepOutcome::Faulted(e.to_string()),
         };
 
         let sample_started = Instant::now();
@@ -281,14 +303,28 @@ impl EngineCore {
             .collect();
         let mut sampled = Vec::with_capacity(sampling.len());
         let mut logprobs = Vec::with_capacity(sampling.len());
+        let mut unsampleable = Vec::new();
         for (i, id) in sampling.iter().enumerate() {
-            let sampler = &mut self.seqs.get_mut(id).expect("scheduled").sampler;
+            let state = self.seqs.get_mut(id).expect("scheduled");
             let s = match &step.logits {
-                StepLogits::Rows(rows) => sampler.sample(&rows[i]),
-                StepLogits::Tokens(tokens) => sampler.record(tokens[i]),
+                StepLogits::Rows(rows) => state.sampler.sample(&rows[i]),
+                StepLogits::Tokens(tokens) => Some(state.sampler.record(tokens[i])),
             };
-            sampled.push((*id, s.token_id));
-            logprobs.push(s.logprobs);
+            match s {
+                Some(s) => {
+                    sampled.push((*id, s.token_id));
+                    logprobs.push(s.logprobs);
+                }
+                None => unsampleable.push(state.request),
+            }
+        }
+        // A row the model gave no finite logit fails its own request; the rest of the batch goes on.
+        for id in unsampleable {
+            tracing::error!(
+                request = id,
+                "the model produced no finite logit; failing the request"
+            );
+            self.fail_request(id, "the model produced no finite logit");
         }
         let sample_micros = sample_started.elapsed().as_micros() as u64;
 
@@ -316,6 +352,7 @@ impl EngineCore {
         add(&m.image_cache_hits, step.images.cache_hits);
         add(&m.image_encode_micros, step.images.encode_micros);
         add(&m.step_micros, step_started.elapsed().as_micros() as u64);
+        StepOutcome::Done
     }
 
     /// Greedy when every sampling row is; drawn on the device when every row can be (each then takes

@@ -37,6 +37,22 @@ pub struct EngineConfig {
     pub eos_token_ids: Vec<u32>,
     /// Whether pure decode steps replay CUDA graphs.
     pub decode_graphs: DecodeGraphs,
+    /// Tests only: makes chosen steps fail as a fault inside the model would.
+    pub fault_hook: Option<StepFaultHook>,
+}
+
+/// Called at the start of every engine step with the sampling parameters of each request in it; a step
+/// for which it returns true panics inside the step, as a fault in the model or sampler would. The
+/// supervised step loop must then fail that step's requests and nothing else.
+#[derive(Clone)]
+pub struct StepFaultHook(pub Arc<StepFaultFn>);
+
+pub type StepFaultFn = dyn Fn(&[&SamplingParams]) -> bool + Send + Sync;
+
+impl std::fmt::Debug for StepFaultHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepFaultHook")
+    }
 }
 
 impl Default for EngineConfig {
@@ -52,6 +68,7 @@ impl Default for EngineConfig {
             image_cache_size: 64,
             eos_token_ids: vec![2],
             decode_graphs: DecodeGraphs::Auto,
+            fault_hook: None,
         }
     }
 }
@@ -70,6 +87,8 @@ pub struct EngineHandle {
     commands: Arc<Mutex<Option<Sender<Command>>>>,
     next_id: Arc<AtomicU64>,
     accepting: Arc<AtomicBool>,
+    /// Set by the core when it stopped because it could not go on (`EngineCore::run`).
+    failed: Arc<AtomicBool>,
     metrics: Arc<EngineMetrics>,
     limits: Limits,
 }
@@ -170,6 +189,9 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
     // Weights and cache were written on this thread's stream; the engine thread steps on its own.
     model.device().synchronize()?;
     let (ready_tx, ready) = mpsc::sync_channel(1);
+    let failed = Arc::new(AtomicBool::new(false));
+    let core_failed = failed.clone();
+    let fault_hook = config.fault_hook.clone();
     std::thread::Builder::new()
         .name("llava-engine".into())
         .spawn(move || {
@@ -196,14 +218,21 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            EngineCore::new(
+            let mut core = EngineCore::new(
                 scheduler,
                 runner,
                 core_metrics,
                 config.eos_token_ids,
                 max_model_len,
-            )
-            .run(rx);
+            );
+            core.fault_hook = fault_hook;
+            let finished = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.run(rx)));
+            // A fault the step supervisor could not contain, or too many in a row: the engine is gone
+            // and the server must say so (health 503, exit non-zero) so a supervisor restarts it.
+            if !matches!(finished, Ok(super::core::Ended::Drained)) {
+                tracing::error!("the engine stopped after a fault it could not recover from");
+                core_failed.store(true, Ordering::Release);
+            }
         })
         .map_err(|e| ModelError::Config(format!("cannot start the engine thread: {e}")))?;
     ready
@@ -213,6 +242,7 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
         commands: Arc::new(Mutex::new(Some(tx))),
         next_id: Arc::new(AtomicU64::new(0)),
         accepting: Arc::new(AtomicBool::new(true)),
+        failed,
         metrics,
         limits,
     })
@@ -246,6 +276,9 @@ impl EngineHandle {
         prompt: TokenizedPrompt,
         params: SamplingParams,
     ) -> Result<RequestStream, EngineError> {
+        if self.has_failed() {
+            return Err(EngineError::Stopped);
+        }
         if !self.accepting.load(Ordering::Acquire) {
             return Err(EngineError::ShuttingDown);
         }
@@ -318,6 +351,11 @@ impl EngineHandle {
 
     pub fn metrics(&self) -> MetricsSnapshot {
         self.metrics.snapshot()
+    }
+
+    /// True once the engine thread stopped on a fault: nothing more will be served.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Stops accepting requests; the engine thread ends once in-flight requests finish and every

@@ -72,6 +72,8 @@ pub struct ModelRunner {
     image_cache: ImageEmbeddingCache,
     /// Pure decode steps through fixed-shape buffers (CUDA graphs on a GPU); `None`: always eager.
     fixed_decode: Option<FixedDecode>,
+    /// Fixed-shape steps that failed and ran eagerly instead (for rate-limited logging).
+    fixed_step_failures: u64,
 }
 
 /// What a step hands the sampler: each sampling sequence's logits, or the tokens already chosen where
@@ -121,6 +123,7 @@ impl ModelRunner {
                 clock: 0,
             },
             fixed_decode,
+            fixed_step_failures: 0,
         })
     }
 
@@ -188,7 +191,12 @@ impl ModelRunner {
                 Ok(None) => {}
                 // The eager path below recomputes the step (rewriting the same K/V slots).
                 Err(e) => {
-                    tracing::warn!(error = %e, "fixed-shape decode step failed; running it eagerly")
+                    // Once, then every 1000th: a persistent failure would otherwise log every step.
+                    self.fixed_step_failures += 1;
+                    let n = self.fixed_step_failures;
+                    if n == 1 || n.is_multiple_of(1000) {
+                        tracing::warn!(error = %e, failures = n, "fixed-shape decode step failed; running it eagerly");
+                    }
                 }
             }
         }

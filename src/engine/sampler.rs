@@ -103,9 +103,14 @@ impl SequenceSampler {
         }
     }
 
-    pub fn sample(&mut self, raw_logits: &[f32]) -> Sampled {
+    /// `None` when no logit is finite (a numerical fault of the model): no token can be chosen, and
+    /// the caller fails this sequence alone.
+    pub fn sample(&mut self, raw_logits: &[f32]) -> Option<Sampled> {
         let mut logits = raw_logits.to_vec();
         self.apply_bias_and_penalties(&mut logits);
+        if !logits.iter().any(|l| l.is_finite()) {
+            return None;
+        }
         let token_id = if self.params.temperature <= 0.0 {
             argmax(&logits)
         } else if self.unfiltered() {
@@ -123,7 +128,7 @@ impl SequenceSampler {
         if self.params.repetition_penalty != 1.0 {
             self.seen.insert(token_id);
         }
-        Sampled { token_id, logprobs }
+        Some(Sampled { token_id, logprobs })
     }
 
     fn apply_bias_and_penalties(&self, logits: &mut [f32]) {
@@ -203,7 +208,9 @@ pub fn filtered_probs(logits: &[f32], p: &SamplingParams) -> Vec<f64> {
             }
         }
         let mut filtered = vec![0.0; probs.len()];
-        for &i in &order[..keep.max(1)] {
+        // At least the most likely token survives; with no positive probability at all (infinite
+        // logits) nothing does, and the draw falls back to the first token rather than panicking.
+        for &i in &order[..keep.max(1).min(order.len())] {
             filtered[i] = probs[i];
         }
         probs = filtered;

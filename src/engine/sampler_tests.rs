@@ -82,7 +82,7 @@ fn draws_follow_the_filtered_distribution() {
     let mut counts = [0usize; 4];
     let n = 20000;
     for _ in 0..n {
-        counts[s.sample(&logits()).token_id as usize] += 1;
+        counts[s.sample(&logits()).unwrap().token_id as usize] += 1;
     }
     assert_eq!(counts[0] + counts[1], 0);
     let frac = counts[3] as f64 / n as f64;
@@ -96,7 +96,7 @@ fn seeded_sampling_is_reproducible_and_choices_differ() {
     let run = |choice| {
         let mut s = SequenceSampler::new(&p, &[], choice);
         (0..16)
-            .map(|_| s.sample(&flat).token_id)
+            .map(|_| s.sample(&flat).unwrap().token_id)
             .collect::<Vec<_>>()
     };
     assert_eq!(run(0), run(0));
@@ -107,7 +107,7 @@ fn seeded_sampling_is_reproducible_and_choices_differ() {
 fn greedy_ignores_the_generator() {
     let p = SamplingParams::default();
     let mut s = SequenceSampler::new(&p, &[], 0);
-    assert_eq!(s.sample(&logits()).token_id, 3);
+    assert_eq!(s.sample(&logits()).unwrap().token_id, 3);
     assert_eq!(argmax(&[0.0, 2.0, 2.0, 1.0]), 1, "first maximum on ties");
 }
 
@@ -130,8 +130,8 @@ fn penalties_follow_their_definitions() {
         ..SamplingParams::default()
     };
     let mut s = SequenceSampler::new(&p, &[0], 0);
-    s.sample(&[0.0, 0.0, 9.0]);
-    s.sample(&[0.0, 0.0, 9.0]);
+    s.sample(&[0.0, 0.0, 9.0]).unwrap();
+    s.sample(&[0.0, 0.0, 9.0]).unwrap();
     let mut l = vec![1.0, 1.0, 3.0];
     s.apply_bias_and_penalties(&mut l);
     assert_eq!(l, vec![1.0, 1.0, 1.0]);
@@ -142,7 +142,7 @@ fn penalties_follow_their_definitions() {
         ..SamplingParams::default()
     };
     let mut s = SequenceSampler::new(&p, &[], 0);
-    assert_eq!(s.sample(&logits()).token_id, 0);
+    assert_eq!(s.sample(&logits()).unwrap().token_id, 0);
 }
 
 #[test]
@@ -152,7 +152,7 @@ fn logprobs_are_log_softmax_of_the_raw_logits() {
         ..SamplingParams::default()
     };
     let mut s = SequenceSampler::new(&p, &[], 0);
-    let got = s.sample(&logits()).logprobs.unwrap();
+    let got = s.sample(&logits()).unwrap().logprobs.unwrap();
     assert_eq!(got.chosen.token_id, 3);
     assert!((got.chosen.logprob - 0.4f32.ln()).abs() < 1e-6);
     let top: Vec<u32> = got.top.iter().map(|t| t.token_id).collect();
@@ -172,7 +172,7 @@ fn unfiltered_temperature_draws_follow_softmax_and_match_the_device_draw() {
     let n = 20000;
     let mut counts = [0usize; 4];
     for _ in 0..n {
-        counts[s.sample(&logits()).token_id as usize] += 1;
+        counts[s.sample(&logits()).unwrap().token_id as usize] += 1;
     }
     let want: Vec<f64> = [0.1f64, 0.2, 0.3, 0.4].iter().map(|p| p.sqrt()).collect();
     let total: f64 = want.iter().sum();
@@ -189,7 +189,7 @@ fn unfiltered_temperature_draws_follow_softmax_and_match_the_device_draw() {
         let (t, seed) = device.device_params();
         let drawn = crate::model::sampling::gumbel_argmax(&logits(), t, seed);
         assert_eq!(
-            host.sample(&logits()).token_id,
+            host.sample(&logits()).unwrap().token_id,
             device.record(drawn).token_id
         );
     }
@@ -213,5 +213,23 @@ fn a_vanishing_temperature_is_greedy() {
     let p = params(|p| p.temperature = 1e-38);
     let mut s = SequenceSampler::new(&p, &[], 0);
     assert!(s.is_plain_greedy());
-    assert_eq!(s.sample(&[0.5, 2.0, 1.0]).token_id, 1);
+    assert_eq!(s.sample(&[0.5, 2.0, 1.0]).unwrap().token_id, 1);
+}
+
+#[test]
+fn logits_with_nothing_finite_are_refused_not_a_panic() {
+    // All-NaN rows once panicked in the top-k/top-p filter (no candidate left to keep).
+    for f in [
+        (|_: &mut SamplingParams| {}) as fn(&mut SamplingParams),
+        |p| p.temperature = 0.0,
+        |p| p.top_k = 2,
+        |p| p.top_p = 0.5,
+    ] {
+        let mut s = SequenceSampler::new(&params(f), &[], 0);
+        assert!(s.sample(&[f32::NAN; 4]).is_none());
+        assert!(s.sample(&[f32::NEG_INFINITY; 4]).is_none());
+    }
+    // An infinite logit among finite ones: the filter keeps a token instead of indexing past its list.
+    let probs = filtered_probs(&[f32::INFINITY, 1.0, 0.0], &params(|p| p.top_p = 0.5));
+    assert_eq!(probs.len(), 3);
 }

@@ -7,6 +7,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
+use super::image_decode::{decode_rgb, DEFAULT_MAX_PIXELS};
+use super::media::read_header;
 use super::pil_resize::{resize_bicubic, Image8};
 use super::FrontendError;
 use crate::types::ProcessedImage;
@@ -163,11 +165,56 @@ impl ImageProcessorConfig {
         })
     }
 
-    /// Decodes encoded image bytes (png, jpeg, webp, gif) and preprocesses them.
+    /// Decodes encoded image bytes (png, jpeg, webp, gif) and preprocesses them, under the default pixel cap.
     pub fn process_bytes(&self, bytes: &[u8]) -> Result<ProcessedImage, FrontendError> {
-        let decoded = image::load_from_memory(bytes)
-            .map_err(|e| FrontendError::Image(format!("cannot decode image: {e}")))?;
-        Ok(self.process(&to_rgb8(&decoded)))
+        self.process_bytes_within(bytes, DEFAULT_MAX_PIXELS)
+    }
+
+    /// Header first: the size is checked against `max_pixels` for the image itself and for every
+    /// intermediate preprocessing would build, and only then is it decoded and preprocessed.
+    pub fn process_bytes_within(
+        &self,
+        bytes: &[u8],
+        max_pixels: u64,
+    ) -> Result<ProcessedImage, FrontendError> {
+        let header = read_header(bytes, max_pixels)?;
+        let (width, height) = header.size();
+        self.check_sizes(width, height, max_pixels)?;
+        let rgb = decode_rgb(bytes, &header, max_pixels)?;
+        Ok(self.process(&rgb))
+    }
+
+    /// Refuses an image whose pad canvas, resize target or resize intermediate (Pillow resizes one axis,
+    /// then the other) would exceed `max_pixels`: a 1,000,000 × 1 image is tiny, but its shortest edge
+    /// scaled to 336 is not.
+    pub fn check_sizes(
+        &self,
+        width: usize,
+        height: usize,
+        max_pixels: u64,
+    ) -> Result<(), FrontendError> {
+        let too_large = |what: &str, w: usize, h: usize| {
+            FrontendError::Image(format!(
+                "the image is {width}×{height} pixels; {what} {w}×{h} pixels for this model, more than the {max_pixels} pixels allowed (--max-image-pixels)"
+            ))
+        };
+        let pixels = |w: usize, h: usize| (w as u64).saturating_mul(h as u64);
+        let (mut w, mut h) = (width, height);
+        if self.pad_to_square {
+            let side = w.max(h);
+            if pixels(side, side) > max_pixels {
+                return Err(too_large("padding it to a square makes it", side, side));
+            }
+            (w, h) = (side, side);
+        }
+        if let Some(target) = self.resize {
+            let (ow, oh) = resize_output_size(w, h, target);
+            let largest = pixels(ow, oh).max(pixels(ow, h)).max(pixels(w, oh));
+            if largest > max_pixels {
+                return Err(too_large("resizing it needs", ow.max(w), oh.max(h)));
+            }
+        }
+        Ok(())
     }
 
     /// Preprocesses an RGB image into CHW pixel values.
@@ -289,41 +336,6 @@ fn center_crop(img: &Image8, crop_h: usize, crop_w: usize) -> Image8 {
     }
 }
 
-/// RGB conversion as transformers does it: transparency is composited onto white with Pillow's
-/// `alpha_composite` integer arithmetic; images without alpha convert directly.
-pub fn to_rgb8(img: &image::DynamicImage) -> Image8 {
-    let (width, height) = (img.width() as usize, img.height() as usize);
-    let data = if img.color().has_alpha() {
-        img.to_rgba8()
-            .pixels()
-            .flat_map(|p| {
-                let a = p[3] as u32;
-                [0, 1, 2].map(|c| composite_on_white(p[c] as u32, a))
-            })
-            .collect()
-    } else {
-        img.to_rgb8().into_raw()
-    };
-    Image8 {
-        width,
-        height,
-        channels: 3,
-        data,
-    }
-}
-
-/// Pillow's `AlphaComposite.c` for an opaque white destination (7 extra precision bits).
-fn composite_on_white(src: u32, alpha: u32) -> u8 {
-    if alpha == 0 {
-        return 255;
-    }
-    const PRECISION: u32 = 7;
-    let coef1 = alpha << PRECISION;
-    let coef2 = (255 << PRECISION) - coef1;
-    let tmp = src * coef1 + 255 * coef2 + (0x80 << PRECISION);
-    ((((tmp >> 8) + tmp) >> 8) >> PRECISION) as u8
-}
-
 fn content_hash(img: &Image8) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update((img.width as u64).to_le_bytes());
@@ -350,14 +362,6 @@ mod tests {
             resize_output_size(640, 480, ResizeTarget::ShortestEdge(224)),
             (298, 224)
         );
-    }
-
-    #[test]
-    fn composite_matches_first_principles_at_the_ends() {
-        assert_eq!(composite_on_white(10, 255), 10);
-        assert_eq!(composite_on_white(10, 0), 255);
-        // Half transparent black on white is mid grey: 255·(255−128)/255 ≈ 127.
-        assert_eq!(composite_on_white(0, 128), 127);
     }
 
     #[test]

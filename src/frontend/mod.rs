@@ -3,7 +3,9 @@
 
 pub mod chat_template;
 pub mod detokenizer;
+pub mod image_decode;
 pub mod image_processor;
+mod jpeg;
 pub mod media;
 pub mod pil_resize;
 pub mod prompt;

@@ -51,6 +51,8 @@ pub struct PromptBuilder {
     image_token_id: u32,
     features_per_image: usize,
     max_context: usize,
+    /// Longest vocabulary entry in bytes (`min_tokens_for`).
+    max_token_bytes: usize,
 }
 
 impl PromptBuilder {
@@ -65,7 +67,18 @@ impl PromptBuilder {
                 config.image_token_id
             )));
         }
+        // A vocabulary entry is never shorter in bytes than the text it stands for ("▁" is three
+        // bytes for one space, "<0x41>" six for one byte), so text of N bytes is at least
+        // N / max_token_bytes tokens: a bound checked before tokenizing anything.
+        let max_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(Self {
+            max_token_bytes,
             tokenizer: Arc::new(tokenizer),
             template,
             bos_token: special.bos,
@@ -74,6 +87,16 @@ impl PromptBuilder {
             features_per_image: config.image_feature_count(),
             max_context: config.text.max_position_embeddings,
         })
+    }
+
+    /// Placeholder tokens each image becomes.
+    pub fn features_per_image(&self) -> usize {
+        self.features_per_image
+    }
+
+    /// The fewest tokens `bytes` bytes of text can become.
+    pub fn min_tokens_for(&self, bytes: usize) -> usize {
+        bytes / self.max_token_bytes
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -150,6 +173,7 @@ impl PromptBuilder {
             token_ids,
             images,
             image_spans,
+            cache_salt: None,
         })
     }
 

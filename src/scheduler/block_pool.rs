@@ -11,6 +11,8 @@ use std::rc::Rc;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BlockKey {
     pub parent: Option<u64>,
+    /// The sequence's cache salt, in the first block's key only.
+    pub salt: Option<[u8; 32]>,
     pub token_ids: Vec<u32>,
     pub image_hashes: Vec<[u8; 32]>,
 }
@@ -202,6 +204,7 @@ mod tests {
     fn key(tokens: &[u32]) -> BlockKey {
         BlockKey {
             parent: None,
+            salt: None,
             token_ids: tokens.to_vec(),
             image_hashes: vec![],
         }

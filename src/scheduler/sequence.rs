@@ -38,6 +38,9 @@ pub struct Sequence {
     pub num_cached_prompt_tokens: usize,
     /// A sibling (`n > 1`) waits until this sequence's prompt is computed, then reuses its blocks.
     pub wait_for: Option<SeqId>,
+    /// Hashed into the first block's key, so sequences with different salts never share cached
+    /// blocks (vLLM's `cache_salt`): one tenant cannot learn from `cached_tokens` what another sent.
+    pub cache_salt: Option<[u8; 32]>,
     pub(super) blocks: Vec<KvBlock>,
     /// Chained hashes of the leading full blocks that are registered in the prefix cache.
     pub(super) block_hashes: Vec<u64>,
@@ -58,6 +61,7 @@ impl Sequence {
             num_preemptions: 0,
             num_cached_prompt_tokens: 0,
             wait_for: None,
+            cache_salt: None,
             blocks: Vec::new(),
             block_hashes: Vec::new(),
             images_scheduled: vec![false; n],
@@ -94,6 +98,8 @@ impl Sequence {
         let (start, end) = (index * block_size, (index + 1) * block_size);
         BlockKey {
             parent,
+            // Later blocks chain onto the first one's hash, so salting it salts them all.
+            salt: if index == 0 { self.cache_salt } else { None },
             token_ids: self.token_ids[start..end].to_vec(),
             image_hashes: self
                 .images

@@ -125,6 +125,38 @@ fn prefix_cache_hit_skips_computed_blocks_but_not_the_last_token() {
 }
 
 #[test]
+fn a_cache_salt_separates_prefix_cache_entries() {
+    let pool = BlockPool::new(64, 4);
+    let mut s = Scheduler::new(config(100, 4), pool);
+    let prompt: Vec<u32> = (0..12).collect();
+    let salted = |id, salt: Option<u8>| {
+        let mut seq = Sequence::new(id, prompt.clone(), vec![]);
+        seq.cache_salt = salt.map(|b| [b; 32]);
+        seq
+    };
+    s.add(salted(1, Some(1)));
+    step(&mut s);
+    // Another tenant's salt, and no salt: nothing is shared, not even block 0.
+    for (id, salt) in [(2, Some(2)), (3, None)] {
+        s.add(salted(id, salt));
+        let out = step(&mut s);
+        let x = out.scheduled.iter().find(|x| x.seq_id == id).unwrap();
+        assert_eq!(x.num_cached, 0, "salt {salt:?}");
+    }
+    // The same salt hits as an unsalted prompt would.
+    s.add(salted(4, Some(1)));
+    let out = step(&mut s);
+    assert_eq!(
+        out.scheduled
+            .iter()
+            .find(|x| x.seq_id == 4)
+            .unwrap()
+            .num_cached,
+        8
+    );
+}
+
+#[test]
 fn image_hashes_are_part_of_the_prefix_key() {
     let pool = BlockPool::new(64, 4);
     let mut s = Scheduler::new(config(100, 4), pool);

@@ -30,6 +30,8 @@ pub fn options() -> ServeOptions {
             max_images_per_request: 4,
             max_queued_requests: 64,
             max_running_requests: 16,
+            max_concurrent_preparations: 2,
+            prefix_cache_salt_per_api_key: false,
         },
         media: MediaPolicy::default(),
         engine: EngineConfig {
@@ -38,6 +40,8 @@ pub fn options() -> ServeOptions {
             ..EngineConfig::default()
         },
         shutdown_timeout: Duration::from_secs(5),
+        max_connections: 256,
+        write_timeout: Duration::from_secs(10),
     }
 }
 
@@ -74,12 +78,34 @@ pub async fn start(opts: ServeOptions) -> TestServer {
 }
 
 pub fn data_uri(file: &str) -> String {
-    use base64::Engine;
     let bytes = std::fs::read(fixtures().join("images").join(file)).unwrap();
+    let mime = if file.ends_with(".jpg") {
+        "image/jpeg"
+    } else {
+        "image/png"
+    };
+    data_uri_of(&bytes, mime)
+}
+
+pub fn data_uri_of(bytes: &[u8], mime: &str) -> String {
+    use base64::Engine;
     format!(
-        "data:image/png;base64,{}",
+        "data:{mime};base64,{}",
         base64::engine::general_purpose::STANDARD.encode(bytes)
     )
+}
+
+/// A greedy chat request: one image by URL, then `question`.
+pub fn chat_with_image(url: &str, question: &str) -> serde_json::Value {
+    serde_json::json!({
+        "model": MODEL,
+        "temperature": 0,
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": question}
+        ]}]
+    })
 }
 
 /// The HF reference case of `tiny` named `name`.
@@ -126,4 +152,27 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// POSTs `body` as JSON; the status and the JSON answer.
+pub async fn post(
+    t: &TestServer,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = t
+        .client
+        .post(format!("{}{path}", t.base))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// The status `/health` answers now.
+pub async fn health_status(t: &TestServer) -> u16 {
+    let url = format!("{}/health", t.base);
+    t.client.get(url).send().await.unwrap().status().as_u16()
 }

@@ -2,6 +2,8 @@
 //! comparisons the issue asks for.
 #![allow(dead_code)]
 
+pub mod hostile;
+
 use candle_core::{Device, Tensor};
 use llava_server::frontend::{ImageProcessorConfig, PromptBuilder};
 use llava_server::model::{resolve_checkpoint, CheckpointDir, LlavaConfig, LlavaModel};

@@ -59,6 +59,9 @@ pub struct SamplingFields {
     pub top_logprobs: Option<u32>,
     /// vLLM extension: keep generating past EOS.
     pub ignore_eos: Option<bool>,
+    /// vLLM extension: requests share prefix-cache entries only with requests of the same salt, so
+    /// `cached_tokens` cannot reveal what other tenants sent.
+    pub cache_salt: Option<String>,
     pub user: Option<String>,
 }
 

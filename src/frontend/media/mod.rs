@@ -19,6 +19,8 @@ pub use address::is_non_public;
 use address::{AddressGuard, BlockedAddress, GuardedResolver, LookupFailed};
 use data_uri::{decode_data_uri, strip_prefix_ignore_case};
 
+use super::image_decode::{ImageHeader, DEFAULT_MAX_PIXELS};
+
 const WEB_SCHEMES: &str = "http, https or data";
 const WEB_AND_FILE_SCHEMES: &str = "http, https, data or file";
 const IMAGE_MEDIA_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/webp", "image/gif"];
@@ -52,7 +54,7 @@ impl Default for MediaPolicy {
             connect_timeout: Duration::from_secs(5),
             total_timeout: Duration::from_secs(20),
             max_redirects: 5,
-            max_pixels: 8192 * 8192,
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 }
@@ -69,7 +71,9 @@ pub enum MediaError {
     },
     #[error("image URL must not contain credentials (user:password@)")]
     Credentials,
-    #[error("image URL host resolves to a private address {0}, which is not allowed")]
+    /// The address stays out of the message: for a DNS name it would tell clients what internal
+    /// names resolve to. The fetcher logs it.
+    #[error("image URL host is a private or local address, which is not allowed")]
     PrivateAddress(IpAddr),
     #[error("image URL host \"{host}\" could not be resolved: {reason}")]
     Dns { host: String, reason: String },
@@ -141,6 +145,9 @@ impl MediaFetcher {
             // A proxy would resolve names itself and bypass the address checks.
             .no_proxy()
             .referer(false)
+            // Clients choose the hosts: keep few idle connections to each, and not for long.
+            .pool_max_idle_per_host(4)
+            .pool_idle_timeout(Duration::from_secs(30))
             .connect_timeout(policy.connect_timeout)
             .timeout(policy.total_timeout)
             .dns_resolver(Arc::new(resolver))
@@ -284,6 +291,7 @@ impl MediaFetcher {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
         while let Some(err) = source {
             if let Some(blocked) = err.downcast_ref::<BlockedAddress>() {
+                tracing::info!(host = url.host_str().unwrap_or_default(), address = %blocked.0, "image URL refused: the host resolves to a non-public address");
                 return MediaError::PrivateAddress(blocked.0);
             }
             if let Some(failed) = err.downcast_ref::<LookupFailed>() {
@@ -318,7 +326,16 @@ impl MediaFetcher {
         if !real.starts_with(root) {
             return Err(not_allowed());
         }
-        let file = tokio::fs::File::open(&real)
+        // Only regular files: opening a FIFO would block a worker until some writer appeared. The
+        // check comes before the open, and the open does not block, in case the path changes between.
+        let is_file = tokio::fs::metadata(&real).await.is_ok_and(|m| m.is_file());
+        if !is_file {
+            return Err(not_allowed());
+        }
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&real)
             .await
             .map_err(|e| MediaError::LocalFileRead(e.to_string()))?;
         let meta = file
@@ -345,17 +362,20 @@ impl MediaFetcher {
     }
 }
 
-/// Width and height from the image header alone, refusing unknown formats and images over `max_pixels`.
-pub fn check_dimensions(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32), MediaError> {
+/// Format, width and height from the image header alone, refusing unknown formats and images over
+/// `max_pixels`: the first look at client bytes, before anything is decoded or allocated for them.
+pub fn read_header(bytes: &[u8], max_pixels: u64) -> Result<ImageHeader, MediaError> {
     use image::ImageFormat;
     let reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| MediaError::BadHeader(e.to_string()))?;
-    match reader.format() {
+    let format = match reader.format() {
         None => return Err(MediaError::NotAnImage),
-        Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Gif) => {}
+        Some(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Gif)) => {
+            f
+        }
         Some(other) => return Err(MediaError::UnsupportedFormat(format!("{other:?}"))),
-    }
+    };
     let (width, height) = reader
         .into_dimensions()
         .map_err(|e| MediaError::BadHeader(e.to_string()))?;
@@ -369,7 +389,16 @@ pub fn check_dimensions(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32), Med
     if width == 0 || height == 0 {
         return Err(MediaError::BadHeader(format!("{width}×{height} pixels")));
     }
-    Ok((width, height))
+    Ok(ImageHeader {
+        format,
+        width,
+        height,
+    })
+}
+
+/// Width and height from the header (`read_header` without the format).
+pub fn check_dimensions(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32), MediaError> {
+    read_header(bytes, max_pixels).map(|h| (h.width, h.height))
 }
 
 /// "outer: inner: innermost", since reqwest's own message rarely names the cause.

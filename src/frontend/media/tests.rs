@@ -265,7 +265,7 @@ fn credentials_and_private_literals_are_refused_without_a_request() {
         assert!(matches!(err, MediaError::PrivateAddress(_)), "{url}: {err}");
         assert!(err
             .to_string()
-            .starts_with("image URL host resolves to a private address "));
+            .starts_with("image URL host is a private or local address"));
     }
 }
 
@@ -334,6 +334,26 @@ fn file_urls_under_the_allowed_folder_only() {
     });
     let err = block_on(small.fetch(ok.as_str())).unwrap_err();
     assert!(matches!(err, MediaError::TooLarge(100)), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_fifo_in_the_allowed_folder_is_refused_without_blocking() {
+    let root = tempfile::tempdir().unwrap();
+    let fifo = root.path().join("pipe.png");
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid, NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let f = fetcher(MediaPolicy {
+        allowed_local_media_path: Some(root.path().to_owned()),
+        ..MediaPolicy::default()
+    });
+    let url = Url::from_file_path(&fifo).unwrap();
+    let started = std::time::Instant::now();
+    // No writer ever opens the FIFO: a blocking open would hang here (bounded by the fetch timeout).
+    let err = block_on(f.fetch(url.as_str())).unwrap_err();
+    assert!(matches!(err, MediaError::LocalFileNotAllowed(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
 }
 
 #[test]
