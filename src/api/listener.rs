@@ -1,7 +1,8 @@
 //! The server's listener: at most `max_connections` connections are open at once (further clients
 //! wait in the kernel's accept queue), and a connection whose client stops reading — a write that
 //! makes no progress for `write_timeout` — fails its write, so hyper closes it and the request behind
-//! it is aborted instead of holding buffers and KV blocks for as long as the client likes.
+//! it is aborted instead of holding buffers and KV blocks for as long as the client likes. Each
+//! connection's kernel send buffer is fixed too (`SEND_BUFFER_BYTES`).
 
 use std::future::Future;
 use std::io;
@@ -45,6 +46,7 @@ impl Listener for BoundedListener {
             .await
             .expect("the connection semaphore is never closed");
         let (io, addr) = Listener::accept(&mut self.inner).await;
+        limit_send_buffer(&io);
         let stream = BoundedStream {
             io,
             _permit: permit,
@@ -56,6 +58,28 @@ impl Listener for BoundedListener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
+    }
+}
+
+/// Kernel memory a connection's unsent bytes may take. Linux grows send buffers up to 4 MiB each
+/// on its own; a fixed 256 KiB bounds what stalled clients pin in the kernel (1 GiB at 4096
+/// connections) and is far more than a token stream needs in flight.
+const SEND_BUFFER_BYTES: libc::c_int = 256 << 10;
+
+fn limit_send_buffer(io: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket descriptor and a c_int option value of the stated size.
+    let result = unsafe {
+        libc::setsockopt(
+            io.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&SEND_BUFFER_BYTES as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot set the send buffer size");
     }
 }
 

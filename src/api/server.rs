@@ -112,7 +112,11 @@ pub async fn spawn(
             // with its exit status that requests were cut off.
             tokio::spawn(async move {
                 tokio::time::sleep(timeout).await;
-                tracing::warn!("shutdown timeout reached with requests still running; exiting");
+                // Logging must not stand between the timeout and the exit (a closed log pipe can
+                // make the write fail).
+                let _ = std::panic::catch_unwind(|| {
+                    tracing::warn!("shutdown timeout reached with requests still running; exiting")
+                });
                 std::process::exit(1);
             });
         };

@@ -27,6 +27,11 @@ pub const MAX_TOTAL_BACKLOG: usize = 64 << 20;
 /// Frame bytes waiting in every stream's channel.
 static TOTAL_BACKLOG: AtomicUsize = AtomicUsize::new(0);
 
+/// Bytes of frames waiting in all streams now.
+pub fn total_backlog() -> usize {
+    TOTAL_BACKLOG.load(Ordering::Acquire)
+}
+
 /// One frame and the bytes it holds against the backlogs until it is sent or dropped.
 struct Frame {
     event: Event,

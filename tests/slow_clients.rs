@@ -1,0 +1,124 @@
+//! Clients that open streams and never read them: their streams are cut once their backlog passes its
+//! cap, their requests are aborted (every KV block returns), their connections are closed after the
+//! write timeout, and other clients are served exactly meanwhile.
+
+mod api_common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use api_common::*;
+use serde_json::json;
+
+/// Opens a connection and sends a streaming request whose answer is far larger than any backlog
+/// cap (16 choices × 2,000 tokens × 20 alternatives each), then never reads.
+fn stalled_stream(addr: std::net::SocketAddr) -> TcpStream {
+    let body = json!({
+        "model": MODEL, "stream": true, "n": 16, "max_tokens": 2000, "ignore_eos": true,
+        "logprobs": true, "top_logprobs": 20, "temperature": 1.0,
+        "messages": [{"role": "user", "content": "Write a long story."}]
+    })
+    .to_string();
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_nobody_reads_are_cut_and_free_their_blocks() {
+    stall(2).await;
+}
+
+/// The size: 200 stalled streams at once (about 10 minutes here; prints the server's RSS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn two_hundred_stalled_streams() {
+    stall(200).await;
+}
+
+fn rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb >> 10
+}
+
+async fn stall(connections: usize) {
+    let mut opts = options();
+    opts.write_timeout = Duration::from_secs(1);
+    opts.engine.num_kv_blocks = Some(4000);
+    opts.api.max_queued_requests = connections + 16;
+    let t = start(opts).await;
+    let before = rss_mib();
+    let started = Instant::now();
+    let stalled: Vec<TcpStream> = (0..connections)
+        .map(|_| stalled_stream(t.server.addr))
+        .collect();
+
+    // Served meanwhile, and exactly.
+    let (status, body) = post(&t, "/v1/chat/completions", &image_chat(json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        reference("chat_template")["greedy"]["text"]
+    );
+
+    // Every stalled request ends long before its 32,000 tokens: the streams are cut.
+    let engine = &t.server.state.model.get().unwrap().engine;
+    let deadline = Instant::now() + Duration::from_secs(60 + 5 * connections as u64);
+    let mut peak = before;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peak = peak.max(rss_mib());
+        let m = engine.metrics();
+        if m.running == 0 && m.waiting == 0 && m.kv_blocks_used == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stalled requests still hold blocks: {m:?}"
+        );
+    }
+    assert!(llava_server::api::sse::total_backlog() <= llava_server::api::sse::MAX_TOTAL_BACKLOG);
+    println!(
+        "{connections} stalled streams: all cut and freed after {:.1} s; RSS {before} MiB before, peak {peak} MiB",
+        started.elapsed().as_secs_f64()
+    );
+
+    // And the server closed each connection (its last writes stalled past the timeout): reading what
+    // reached our side ends in EOF or a reset, never in waiting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for mut s in stalled {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut sink = vec![0u8; 1 << 16];
+        let mut got = 0;
+        let closed = loop {
+            match s.read(&mut sink) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    got += n;
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => break true,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    break false
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let tail = String::from_utf8_lossy(&sink[..200.min(sink.len())]).into_owned();
+        assert!(
+            closed,
+            "a stalled connection is still open after {got} bytes: {tail}"
+        );
+    }
+}
