@@ -28,6 +28,8 @@ pub struct ApiConfig {
     /// Requests allowed to wait beyond those the engine runs at once.
     pub max_queued_requests: usize,
     pub max_running_requests: usize,
+    /// Also publish vLLM's names for the main metric families.
+    pub vllm_metric_names: bool,
 }
 
 pub struct AppState {

@@ -165,9 +165,14 @@ impl ImageProcessorConfig {
 
     /// Decodes encoded image bytes (png, jpeg, webp, gif) and preprocesses them.
     pub fn process_bytes(&self, bytes: &[u8]) -> Result<ProcessedImage, FrontendError> {
+        Ok(self.process(&Self::decode(bytes)?))
+    }
+
+    /// Decodes encoded image bytes into RGB pixels (the first half of `process_bytes`).
+    pub fn decode(bytes: &[u8]) -> Result<Image8, FrontendError> {
         let decoded = image::load_from_memory(bytes)
             .map_err(|e| FrontendError::Image(format!("cannot decode image: {e}")))?;
-        Ok(self.process(&to_rgb8(&decoded)))
+        Ok(to_rgb8(&decoded))
     }
 
     /// Preprocesses an RGB image into CHW pixel values.

@@ -30,6 +30,7 @@ pub fn options() -> ServeOptions {
             max_images_per_request: 4,
             max_queued_requests: 64,
             max_running_requests: 16,
+            vllm_metric_names: false,
         },
         media: MediaPolicy::default(),
         engine: EngineConfig {
@@ -121,9 +122,21 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
-/// The value of a Prometheus sample line `name value` (no labels).
+/// The value of the first Prometheus sample of `name` (any labels: `name{...} value` or `name value`).
 pub fn metric(text: &str, name: &str) -> Option<f64> {
+    metric_where(text, name, "")
+}
+
+/// The value of the first sample of `name` whose label set contains `labels` (e.g. `status="200"`).
+pub fn metric_where(text: &str, name: &str, labels: &str) -> Option<f64> {
     text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (label_set, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            label_set.contains(labels).then_some(value)
+        })
         .and_then(|v| v.trim().parse().ok())
 }
