@@ -120,7 +120,10 @@ YAML
   touch "$stop"
   local rc=0; wait "$load" || rc=$?
   rm -f "$stop"
-  "${dc[@]}" logs lb 2>/dev/null | grep -cE '" (5[0-9][0-9]) ' | sed 's/^/  nginx 5xx lines answered to clients: /' || true
+  local lb_log; lb_log=$("${dc[@]}" logs --no-color lb 2>/dev/null)
+  log "rolling: nginx answered $(grep -cE '" 200 ' <<<"$lb_log" || true) requests with 200 and" \
+    "$(grep -cE '" 5[0-9][0-9] ' <<<"$lb_log" || true) with 5xx; it retried $(grep -cE 'upstream|connect\(\) failed' <<<"$lb_log" || true)" \
+    "times on another replica (refused connections or 503 while one drained or loaded)"
   return $rc
 }
 

@@ -41,14 +41,21 @@ for what in "$@"; do
         command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
         dir=$(mktemp -d)
         debootstrap --variant=minbase bookworm "$dir" >/dev/null
+        chmod 755 "$dir"  # mktemp's 0700 would become the image's /, closed to non-root users
         tar -C "$dir" -c . | docker import --change "ENV PATH=$std_path" - debian:bookworm-slim >/dev/null
         rm -rf "$dir"
       }
       # An imported root file system has no PATH (the real image sets one): without it an exec-form
       # ENTRYPOINT naming a bare command is not found.
-      if ! docker image inspect -f '{{.Config.Env}}' debian:bookworm-slim | grep -q PATH=; then
-        printf 'FROM debian:bookworm-slim\nENV PATH=%s\n' "$std_path" \
-          | DOCKER_BUILDKIT=0 docker build -q -t debian:bookworm-slim - >/dev/null
+      # A root file system imported from a 0700 folder closes / to every user but root.
+      if ! docker image inspect -f '{{.Config.Env}}' debian:bookworm-slim | grep -q PATH= ||
+        [[ $(docker run --rm --network none debian:bookworm-slim stat -c %a /) != 755 ]]; then
+        # (A RUN chmod in a layer above does not change the mode of /: import the files anew.)
+        dir=$(mktemp -d); chmod 755 "$dir"
+        id=$(docker create debian:bookworm-slim /bin/true)
+        docker export "$id" | tar -C "$dir" -x; docker rm "$id" >/dev/null
+        tar -C "$dir" -c . | docker import --change "ENV PATH=$std_path" - debian:bookworm-slim >/dev/null
+        rm -rf "$dir"
       fi ;;
     rust) build llava-stand-in/rust:1.95-bookworm rust.Dockerfile ;;
     nginx) build llava-stand-in/nginx:bookworm nginx.Dockerfile ;;
