@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// Seconds for a whole image download, redirects included.
     #[arg(long, env = "LLAVA_SERVER_MEDIA_TIMEOUT", default_value_t = 20.0)]
     pub media_timeout: f64,
+    /// Also publish the main metric families under vLLM's names (vllm:num_requests_waiting, …) for
+    /// dashboards, autoscalers and routers made for vLLM.
+    #[arg(long, env = "LLAVA_SERVER_VLLM_METRIC_NAMES")]
+    pub vllm_metric_names: bool,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "LLAVA_SERVER_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
@@ -248,6 +252,7 @@ impl ServeArgs {
                     .max(1),
                 prefix_cache_salt_per_api_key: self.prefix_cache_salt_per_api_key,
                 max_running_requests: e.max_num_seqs,
+                vllm_metric_names: self.vllm_metric_names,
             },
             media: MediaPolicy {
                 allow_private_hosts: self.allow_private_media_hosts,

@@ -120,6 +120,8 @@ pub struct Usage {
     pub image_tokens: usize,
     /// Generated tokens over all `n` choices.
     pub completion_tokens: usize,
+    /// From the engine's receipt of the request to its first scheduled step.
+    pub queue_time: std::time::Duration,
 }
 
 /// What the engine streams back for one request: new tokens of one choice, its finish, and (on the

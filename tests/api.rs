@@ -358,17 +358,17 @@ async fn a_client_disconnect_mid_stream_frees_its_blocks() {
     }
     let during = metrics().await;
     assert!(
-        metric(&during, "llava_kv_blocks_used").unwrap() > 0.0,
+        metric(&during, "llava_kv_cache_used_blocks").unwrap() > 0.0,
         "{during}"
     );
     drop(r);
     let mut last = String::new();
     for _ in 0..500 {
         last = metrics().await;
-        if metric(&last, "llava_kv_blocks_used") == Some(0.0)
-            && metric(&last, "llava_running_sequences") == Some(0.0)
+        if metric(&last, "llava_kv_cache_used_blocks") == Some(0.0)
+            && metric(&last, "llava_num_requests_running") == Some(0.0)
         {
-            assert_eq!(metric(&last, "llava_kv_blocks_total"), Some(400.0));
+            assert_eq!(metric(&last, "llava_kv_cache_capacity_blocks"), Some(400.0));
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

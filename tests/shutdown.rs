@@ -3,8 +3,7 @@
 
 mod api_common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use api_common::*;
@@ -53,30 +52,6 @@ async fn a_burst_past_the_queue_limit_gets_429s_and_exact_answers() {
     assert!(ok >= 4 && refused >= 1, "{ok} answered, {refused} refused");
 }
 
-/// A `serve` process on an ephemeral port, and that port (read from its start-up line).
-fn spawn_server(shutdown_timeout: &str) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llava-server"))
-        .args(["serve", "--model"])
-        .arg(fixtures().join("tiny"))
-        .args(["--port", "0", "--shutdown-timeout", shutdown_timeout])
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = stderr
-        .by_ref()
-        .find_map(|line| {
-            line.unwrap()
-                .strip_prefix("llava-server listening on ")
-                .map(|url| url.trim().to_owned())
-        })
-        .expect("the server printed its address");
-    // Keep reading its log, as a supervisor would: a closed pipe is not what is under test.
-    std::thread::spawn(move || stderr.for_each(drop));
-    (child, base)
-}
-
 fn sigterm(child: &Child) {
     // SAFETY: signalling our own child process.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
@@ -95,18 +70,9 @@ fn wait_exit(child: &mut Child, within: Duration) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_32_streams_finish_refuses_new_work_and_exits_0() {
-    let (mut child, base) = spawn_server("60");
+    let (mut child, base) = spawn_server(&["--shutdown-timeout", "60"]);
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client
-        .get(format!("{base}/health"))
-        .send()
-        .await
-        .map_or(true, |r| r.status() != 200)
-    {
-        assert!(Instant::now() < deadline, "never healthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_healthy(&client, &base).await;
     let model = fixtures().join("tiny").to_str().unwrap().to_owned();
     let body = json!({"model": model, "stream": true, "max_tokens": 48, "ignore_eos": true,
                       "temperature": 0, "messages": [{"role": "user", "content": "Count to ten."}]});
@@ -149,18 +115,9 @@ async fn sigterm_lets_32_streams_finish_refuses_new_work_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_exit_at_the_shutdown_timeout_reports_failure() {
-    let (mut child, base) = spawn_server("1");
+    let (mut child, base) = spawn_server(&["--shutdown-timeout", "1"]);
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client
-        .get(format!("{base}/health"))
-        .send()
-        .await
-        .map_or(true, |r| r.status() != 200)
-    {
-        assert!(Instant::now() < deadline, "never healthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_healthy(&client, &base).await;
     let model = fixtures().join("tiny").to_str().unwrap().to_owned();
     // Far longer than the one second the server gets to drain.
     let body = json!({"model": model, "stream": true, "max_tokens": 4000, "ignore_eos": true,

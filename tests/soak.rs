@@ -1,6 +1,6 @@
-//! Soak (ignored by default; a few minutes here): rounds of 256 concurrent streaming clients, a tenth
-//! of them hanging up at a random point. Every stream that completes equals HF's greedy text, no KV
-//! block is in use after a round, and the process's memory settles instead of growing.
+//! Soak (ignored by default; a few minutes here): rounds of 256 concurrent streaming clients against a
+//! `serve` process, a tenth of them hanging up at a random point. Every stream that completes equals
+//! HF's greedy text, no KV block is in use after a round, and the server's RSS settles.
 //!
 //!     cargo test --test soak -- --ignored --nocapture
 
@@ -16,8 +16,8 @@ use serde_json::json;
 const CLIENTS: usize = 256;
 const ROUNDS: usize = 5;
 
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -27,11 +27,15 @@ fn rss_mib() -> f64 {
 }
 
 /// One client: streams the reference request; `hang_up_after` chunks, if set, then drops it.
-async fn client(t: &TestServer, hang_up_after: Option<usize>) -> Option<String> {
-    let r = t
-        .client
-        .post(format!("{}/v1/chat/completions", t.base))
-        .json(&image_chat(json!({"stream": true})))
+async fn client(
+    http: &reqwest::Client,
+    base: &str,
+    model: &str,
+    hang_up_after: Option<usize>,
+) -> Option<String> {
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&image_chat(json!({"stream": true, "model": model})))
         .send()
         .await
         .unwrap();
@@ -63,16 +67,34 @@ async fn client(t: &TestServer, hang_up_after: Option<usize>) -> Option<String> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn rounds_of_256_streams_with_hang_ups() {
-    let mut opts = options();
-    opts.api.max_queued_requests = CLIENTS;
-    opts.engine.max_num_seqs = 64;
-    opts.engine.num_kv_blocks = Some(64 * 40);
-    let t = start(opts).await;
+    let (mut server, base) = spawn_server(&[
+        "--max-queued-requests",
+        "256",
+        "--max-num-seqs",
+        "64",
+        "--num-kv-blocks",
+        "2560",
+        "--max-images-per-request",
+        "4",
+    ]);
+    let model = fixtures().join("tiny").to_str().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    wait_healthy(&http, &base).await;
     let want = reference("chat_template")["greedy"]["text"]
         .as_str()
         .unwrap()
         .to_owned();
-    let engine = &t.server.state.model.get().unwrap().engine;
+    let blocks_in_use = || async {
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metric(&text, "llava_kv_cache_used_blocks").unwrap()
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let mut rss = Vec::new();
     for round in 1..=ROUNDS {
@@ -80,21 +102,23 @@ async fn rounds_of_256_streams_with_hang_ups() {
         let plans: Vec<Option<usize>> = (0..CLIENTS)
             .map(|_| rng.random_bool(0.1).then(|| rng.random_range(1..12)))
             .collect();
-        let answers =
-            futures_util::future::join_all(plans.iter().map(|&plan| client(&t, plan))).await;
+        let answers = futures_util::future::join_all(
+            plans.iter().map(|&plan| client(&http, &base, &model, plan)),
+        )
+        .await;
         let completed: Vec<&String> = answers.iter().flatten().collect();
         for text in &completed {
             assert_eq!(text.as_str(), want, "round {round}");
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while engine.metrics().kv_blocks_used != 0 {
+        while blocks_in_use().await != 0.0 {
             assert!(
                 Instant::now() < deadline,
                 "round {round}: blocks still in use"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        rss.push(rss_mib());
+        rss.push(rss_mib(server.id()));
         println!(
             "round {round}: {} completed exactly, {} hung up, {:.1} s, KV blocks in use 0, RSS {:.1} MiB",
             completed.len(),
@@ -103,6 +127,8 @@ async fn rounds_of_256_streams_with_hang_ups() {
             rss[round - 1]
         );
     }
+    let _ = server.kill();
+    let _ = server.wait();
     let (second, last) = (rss[1], rss[ROUNDS - 1]);
     assert!(
         last <= second * 1.05,

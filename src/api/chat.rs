@@ -62,11 +62,8 @@ pub async fn complete_chat(
     prepared: super::generation::Prepared,
 ) -> Result<ChatCompletionResponse, ApiError> {
     let params = prepared.params.clone();
-    let started = std::time::Instant::now();
     let (stream, _in_flight, tokenizer, usage) = submit(state, prepared)?;
     let done = run_to_completion(stream, tokenizer.clone(), &params, usage).await?;
-    metrics::histogram!("llava_e2e_latency_seconds").record(started.elapsed().as_secs_f64());
-    metrics::counter!("llava_requests_total", "status" => "200").increment(1);
     Ok(ChatCompletionResponse {
         id: new_id("chatcmpl"),
         object: "chat.completion",

@@ -63,7 +63,6 @@ pub async fn completions(
     let params = prepared.params.clone();
     let (stream, _in_flight, tokenizer, usage) = submit(&state, prepared)?;
     let done = run_to_completion(stream, tokenizer.clone(), &params, usage).await?;
-    metrics::counter!("llava_requests_total", "status" => "200").increment(1);
     let response = CompletionResponse {
         id: new_id("cmpl"),
         object: "text_completion",

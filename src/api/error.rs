@@ -94,7 +94,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        metrics::counter!("llava_requests_total", "status" => status.as_u16().to_string())
+        metrics::counter!(super::telemetry::REQUESTS, "status" => status.as_u16().to_string())
             .increment(1);
         let mut response = (status, Json(self.body())).into_response();
         if matches!(self, ApiError::QueueFull) {

@@ -9,6 +9,7 @@ use tokenizers::Tokenizer;
 
 use super::error::ApiError;
 use super::state::{AppState, InFlight, ServedModel, SharedState};
+use super::telemetry::{self, RequestTimer};
 use super::validate::{chat_messages, sampling_params};
 use super::wire::{
     ChatCompletionRequest, PromptTokensDetails, TokenLogprobWire, TopLogprobWire, UsageWire,
@@ -141,26 +142,37 @@ async fn load_images(
     model: &ServedModel,
     urls: Vec<String>,
 ) -> Result<Vec<ProcessedImage>, ApiError> {
-    let fetched = futures_util::future::join_all(urls.iter().map(|u| state.media.fetch(u))).await;
+    let fetched = futures_util::future::join_all(urls.iter().map(|u| async move {
+        let started = Instant::now();
+        let bytes = state.media.fetch(u).await;
+        metrics::histogram!(telemetry::MEDIA_FETCH).record(started.elapsed().as_secs_f64());
+        bytes
+    }))
+    .await;
     let mut bytes = Vec::with_capacity(fetched.len());
     for f in fetched {
         bytes.push(f?);
     }
     let processor = model.processor.clone();
     let max_pixels = state.media.policy().max_pixels;
-    let started = Instant::now();
     let images = tokio::task::spawn_blocking(move || {
         bytes
             .iter()
-            .map(|b| Ok(processor.process_bytes_within(b, max_pixels)?))
+            .map(|b| {
+                let started = Instant::now();
+                let rgb = processor.decode_within(b, max_pixels)?;
+                let decoded = Instant::now();
+                let image = processor.process(&rgb);
+                metrics::histogram!(telemetry::MEDIA_DECODE)
+                    .record((decoded - started).as_secs_f64());
+                metrics::histogram!(telemetry::MEDIA_PREPROCESS)
+                    .record(decoded.elapsed().as_secs_f64());
+                Ok(image)
+            })
             .collect::<Result<Vec<_>, ApiError>>()
     })
     .await
     .map_err(|e| ApiError::internal(format!("image worker failed: {e}")))??;
-    if !images.is_empty() {
-        metrics::histogram!("llava_image_preprocess_seconds")
-            .record(started.elapsed().as_secs_f64());
-    }
     Ok(images)
 }
 
@@ -384,12 +396,28 @@ pub async fn run_to_completion(
         .collect();
     let mut texts = vec![String::new(); n];
     let mut logprobs = vec![Vec::new(); n];
+    // Dropped with this future when the client leaves: counted as aborted.
+    let mut timer = RequestTimer::start();
     while choices.iter().any(|c| c.finish.is_none()) {
         let Some(event) = stream.next().await else {
+            timer.counted_elsewhere();
             return Err(ApiError::internal("the engine ended the request early"));
         };
-        let event = event?;
-        let delta = choices[event.index].apply(&event)?;
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                timer.counted_elsewhere();
+                return Err(e.into());
+            }
+        };
+        timer.on_event(event.usage.as_ref());
+        let delta = match choices[event.index].apply(&event) {
+            Ok(delta) => delta,
+            Err(e) => {
+                timer.counted_elsewhere();
+                return Err(e);
+            }
+        };
         if delta.stop_string {
             stream.stop_choice(event.index);
         }
@@ -398,6 +426,7 @@ pub async fn run_to_completion(
     }
     // Every choice has finished, so dropping the stream frees nothing more (the abort is a no-op).
     drop(stream);
+    timer.finish();
     Ok(Completed {
         texts,
         finishes: choices
@@ -419,8 +448,8 @@ pub async fn pump_events(
     params: &SamplingParams,
     mut emit: impl FnMut(usize, ChoiceDelta) -> Result<(), super::sse::StreamEnd>,
 ) -> Result<Vec<ChoiceProgress>, super::sse::StreamEnd> {
-    let started = Instant::now();
-    let mut last_token: Option<Instant> = None;
+    // Dropped on an early return when the client leaves: counted as aborted.
+    let mut timer = RequestTimer::start();
     let mut choices: Vec<ChoiceProgress> = (0..params.n)
         .map(|_| ChoiceProgress::new(tokenizer.clone(), params))
         .collect();
@@ -431,29 +460,32 @@ pub async fn pump_events(
         };
         let event = match next {
             Some(Ok(event)) => event,
-            Some(Err(e)) => return Err(sink.fail(&ApiError::from(e))),
+            Some(Err(e)) => {
+                let e = ApiError::from(e);
+                timer.failed(e.status().as_u16());
+                return Err(sink.fail(&e));
+            }
             None => {
                 let e = ApiError::internal("the engine ended the request early");
+                timer.failed(e.status().as_u16());
                 return Err(sink.fail(&e));
             }
         };
-        let now = Instant::now();
-        match last_token {
-            None => metrics::histogram!("llava_time_to_first_token_seconds")
-                .record((now - started).as_secs_f64()),
-            Some(t) => metrics::histogram!("llava_inter_token_latency_seconds")
-                .record((now - t).as_secs_f64()),
-        }
-        last_token = Some(now);
+        timer.on_event(event.usage.as_ref());
         let index = event.index;
-        let delta = choices[index].apply(&event).map_err(|e| sink.fail(&e))?;
+        let delta = match choices[index].apply(&event) {
+            Ok(delta) => delta,
+            Err(e) => {
+                timer.failed(e.status().as_u16());
+                return Err(sink.fail(&e));
+            }
+        };
         if delta.stop_string {
             stream.stop_choice(index);
         }
         emit(index, delta)?;
     }
     drop(stream);
-    metrics::histogram!("llava_e2e_latency_seconds").record(started.elapsed().as_secs_f64());
-    metrics::counter!("llava_requests_total", "status" => "200").increment(1);
+    timer.finish();
     Ok(choices)
 }

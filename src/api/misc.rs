@@ -31,33 +31,10 @@ pub async fn health(State(state): State<SharedState>) -> Result<StatusCode, ApiE
     Ok(StatusCode::OK)
 }
 
-/// Prometheus text format: request counts by status, latency histograms, engine gauges.
+/// Prometheus text format: request counts by status, latency and phase histograms, engine counters and
+/// gauges (see `telemetry`).
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus metrics", content_type = "text/plain")), tag = "Server")]
 pub async fn prometheus(State(state): State<SharedState>) -> Response {
-    if let Some(model) = state.model.get() {
-        let m = model.engine.metrics();
-        let gauge = |name: &'static str, v: u64| metrics::gauge!(name).set(v as f64);
-        gauge("llava_queue_length", m.waiting);
-        gauge("llava_running_sequences", m.running);
-        gauge("llava_kv_blocks_used", m.kv_blocks_used);
-        gauge("llava_kv_blocks_total", m.kv_blocks_total);
-        gauge("llava_prefix_cache_queried_tokens", m.prefix_queried_tokens);
-        gauge("llava_prefix_cache_hit_tokens", m.prefix_hit_tokens);
-        let rate = if m.prefix_queried_tokens == 0 {
-            0.0
-        } else {
-            m.prefix_hit_tokens as f64 / m.prefix_queried_tokens as f64
-        };
-        metrics::gauge!("llava_prefix_cache_hit_rate").set(rate);
-        gauge("llava_preemptions", m.preemptions);
-        gauge("llava_images_encoded", m.images_encoded);
-        gauge("llava_image_cache_hits", m.image_cache_hits);
-        metrics::gauge!("llava_image_encode_seconds_total").set(m.image_encode_micros as f64 / 1e6);
-        gauge("llava_generated_tokens", m.generated_tokens);
-        gauge("llava_engine_steps", m.steps);
-        gauge("llava_fixed_decode_steps", m.fixed_decode_steps);
-        gauge("llava_tokens_chosen_in_place", m.tokens_chosen_in_place);
-    }
-    let text = super::metrics_recorder().render();
+    let text = super::telemetry::render(&state);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

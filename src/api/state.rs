@@ -32,6 +32,8 @@ pub struct ApiConfig {
     pub max_concurrent_preparations: usize,
     /// Salt every request's prefix-cache entries with its API key: tenants never share cached blocks.
     pub prefix_cache_salt_per_api_key: bool,
+    /// Also publish vLLM's names for the main metric families.
+    pub vllm_metric_names: bool,
 }
 
 pub struct AppState {

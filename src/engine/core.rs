@@ -47,6 +47,9 @@ struct RequestState {
     seqs: Vec<SeqId>,
     unfinished: usize,
     usage: Usage,
+    received: Instant,
+    /// Set at the first step that schedules any of its sequences.
+    scheduled: bool,
 }
 
 struct SeqState {
@@ -204,6 +207,7 @@ impl EngineCore {
             &self.metrics.prefix_queried_tokens,
             (prompt_len * sub.params.n) as u64,
         );
+        add(&self.metrics.prompt_tokens, prompt_len as u64);
         self.requests.insert(
             sub.id,
             RequestState {
@@ -218,6 +222,8 @@ impl EngineCore {
                     image_tokens,
                     ..Usage::default()
                 },
+                received: Instant::now(),
+                scheduled: false,
             },
         );
     }
@@ -267,6 +273,18 @@ impl EngineCore {
                 .collect();
             if (hook.0)(&params) {
                 panic!("injected step fault");
+            }
+        }
+        for s in &out.scheduled {
+            if let Some(req) = self
+                .seqs
+                .get(&s.seq_id)
+                .and_then(|q| self.requests.get_mut(&q.request))
+            {
+                if !req.scheduled {
+                    req.scheduled = true;
+                    req.usage.queue_time = step_started.saturating_duration_since(req.received);
+                }
             }
         }
         let plan = self.sample_plan(&out);
@@ -330,13 +348,14 @@ impl EngineCore {
 
         let update_started = Instant::now();
         self.scheduler.update(&out, &sampled);
+        // Counted before the tokens go out, so a reader that has the answer sees them counted.
+        add(&self.metrics.generated_tokens, sampling.len() as u64);
         for ((id, token), lp) in sampled.into_iter().zip(logprobs) {
             self.emit(id, token, lp);
         }
         let m = &self.metrics;
         add(&m.steps, 1);
         add(&m.fixed_decode_steps, step.fixed_shape as u64);
-        add(&m.generated_tokens, sampling.len() as u64);
         if let StepLogits::Tokens(tokens) = &step.logits {
             add(&m.tokens_chosen_in_place, tokens.len() as u64);
         }

@@ -183,6 +183,13 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
         "KV cache allocated"
     );
     let metrics = Arc::new(EngineMetrics::default());
+    metrics.block_size.store(
+        config.block_size as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    metrics
+        .kv_blocks_total
+        .store(num_blocks as u64, std::sync::atomic::Ordering::Relaxed);
     let (tx, rx) = mpsc::channel();
     let core_metrics = metrics.clone();
     let max_model_len = limits.max_model_len;

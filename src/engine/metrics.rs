@@ -9,6 +9,10 @@ pub struct EngineMetrics {
     pub running: AtomicU64,
     pub kv_blocks_used: AtomicU64,
     pub kv_blocks_total: AtomicU64,
+    /// Tokens per KV-cache block (fixed at start).
+    pub block_size: AtomicU64,
+    /// Prompt tokens of every request admitted (each of `n` choices counted once per request).
+    pub prompt_tokens: AtomicU64,
     /// Prompt tokens looked up in the prefix cache, and those found.
     pub prefix_queried_tokens: AtomicU64,
     pub prefix_hit_tokens: AtomicU64,
@@ -38,6 +42,8 @@ pub struct MetricsSnapshot {
     pub running: u64,
     pub kv_blocks_used: u64,
     pub kv_blocks_total: u64,
+    pub block_size: u64,
+    pub prompt_tokens: u64,
     pub prefix_queried_tokens: u64,
     pub prefix_hit_tokens: u64,
     pub preemptions: u64,
@@ -64,6 +70,8 @@ impl EngineMetrics {
             running: r(&self.running),
             kv_blocks_used: r(&self.kv_blocks_used),
             kv_blocks_total: r(&self.kv_blocks_total),
+            block_size: r(&self.block_size),
+            prompt_tokens: r(&self.prompt_tokens),
             prefix_queried_tokens: r(&self.prefix_queried_tokens),
             prefix_hit_tokens: r(&self.prefix_hit_tokens),
             preemptions: r(&self.preemptions),

@@ -177,11 +177,15 @@ impl ImageProcessorConfig {
         bytes: &[u8],
         max_pixels: u64,
     ) -> Result<ProcessedImage, FrontendError> {
+        Ok(self.process(&self.decode_within(bytes, max_pixels)?))
+    }
+
+    /// The first half of `process_bytes_within`: header, size checks, then decoding to RGB.
+    pub fn decode_within(&self, bytes: &[u8], max_pixels: u64) -> Result<Image8, FrontendError> {
         let header = read_header(bytes, max_pixels)?;
         let (width, height) = header.size();
         self.check_sizes(width, height, max_pixels)?;
-        let rgb = decode_rgb(bytes, &header, max_pixels)?;
-        Ok(self.process(&rgb))
+        decode_rgb(bytes, &header, max_pixels)
     }
 
     /// Refuses an image whose pad canvas, resize target or resize intermediate (Pillow resizes one axis,

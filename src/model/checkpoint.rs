@@ -1,9 +1,10 @@
-//! Finding a checkpoint's files: a local folder, or a hub id fetched with hf-hub (progress bar on
-//! stderr), and the list of safetensors files (one file, or shards named by an index).
+//! Finding a checkpoint's files: a local folder, or a hub id fetched into the hub cache (`hub`), and
+//! the list of safetensors files (one file, or shards named by an index).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use super::hub::{HubConfig, HubRepo};
 use super::ModelError;
 
 /// A folder that holds a llava-hf checkpoint (a local folder or the hub cache's snapshot).
@@ -49,38 +50,34 @@ pub fn resolve_checkpoint(spec: &str) -> Result<CheckpointDir, ModelError> {
 }
 
 fn download_from_hub(repo_id: &str) -> Result<CheckpointDir, ModelError> {
-    let hub_err = |e: hf_hub::api::sync::ApiError| ModelError::Hub {
-        repo: repo_id.to_owned(),
-        message: e.to_string(),
-    };
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(true)
-        .build()
-        .map_err(hub_err)?;
-    let repo = api.model(repo_id.to_owned());
-    tracing::info!(repo = repo_id, "fetching checkpoint from the hub");
-    // config.json decides whether the repo exists and is reachable: fail there with the hub's reason.
-    let config = repo.get("config.json").map_err(hub_err)?;
-    for name in HUB_FILES.iter().skip(1) {
-        if let Err(e) = repo.get(name) {
-            tracing::debug!(file = name, error = %e, "optional checkpoint file not fetched");
+    let cfg = HubConfig::from_env();
+    if !cfg.offline {
+        tracing::info!(repo = repo_id, endpoint = %cfg.endpoint, "fetching checkpoint from the hub");
+    }
+    let repo = HubRepo::open(repo_id, &cfg)?;
+    // Only files the revision lists are fetched: no probing for optional ones.
+    if !repo.has("config.json") {
+        return Err(ModelError::Hub {
+            repo: repo_id.to_owned(),
+            message: "the repository has no config.json: not a llava-hf checkpoint".into(),
+        });
+    }
+    for name in HUB_FILES {
+        if repo.has(name) {
+            repo.fetch(name)?;
         }
     }
-    match repo.get(INDEX_FILE) {
-        Ok(index) => {
-            for shard in shard_names(&index)? {
-                repo.get(&shard).map_err(hub_err)?;
-            }
+    if repo.has(INDEX_FILE) {
+        let index = repo.fetch(INDEX_FILE)?;
+        for shard in shard_names(&index)? {
+            repo.fetch(&shard)?;
         }
-        Err(_) => {
-            repo.get(SINGLE_FILE).map_err(hub_err)?;
-        }
+    } else {
+        repo.fetch(SINGLE_FILE)?;
     }
-    let root = config
-        .parent()
-        .expect("a downloaded file lies in a snapshot folder")
-        .to_owned();
-    Ok(CheckpointDir { root })
+    Ok(CheckpointDir {
+        root: repo.snapshot(),
+    })
 }
 
 fn shard_names(index_path: &Path) -> Result<BTreeSet<String>, ModelError> {

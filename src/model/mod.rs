@@ -9,6 +9,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda_graph;
 pub mod dummy;
+pub mod hub;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;

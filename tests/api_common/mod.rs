@@ -1,7 +1,9 @@
 //! A real server on an ephemeral loopback port with the tiny fixture, for the API tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use llava_server::api::server::{spawn, RunningServer, ServeOptions};
@@ -32,6 +34,7 @@ pub fn options() -> ServeOptions {
             max_running_requests: 16,
             max_concurrent_preparations: 2,
             prefix_cache_salt_per_api_key: false,
+            vllm_metric_names: false,
         },
         media: MediaPolicy::default(),
         engine: EngineConfig {
@@ -147,10 +150,22 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
-/// The value of a Prometheus sample line `name value` (no labels).
+/// The value of the first Prometheus sample of `name` (any labels: `name{...} value` or `name value`).
 pub fn metric(text: &str, name: &str) -> Option<f64> {
+    metric_where(text, name, "")
+}
+
+/// The value of the first sample of `name` whose label set contains `labels` (e.g. `status="200"`).
+pub fn metric_where(text: &str, name: &str, labels: &str) -> Option<f64> {
     text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (label_set, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            label_set.contains(labels).then_some(value)
+        })
         .and_then(|v| v.trim().parse().ok())
 }
 
@@ -175,4 +190,43 @@ pub async fn post(
 pub async fn health_status(t: &TestServer) -> u16 {
     let url = format!("{}/health", t.base);
     t.client.get(url).send().await.unwrap().status().as_u16()
+}
+
+/// A `serve` process on an ephemeral port, and that port (read from its start-up line).
+pub fn spawn_server(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llava-server"))
+        .args(["serve", "--model"])
+        .arg(fixtures().join("tiny"))
+        .args(["--port", "0"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = stderr
+        .by_ref()
+        .find_map(|line| {
+            line.unwrap()
+                .strip_prefix("llava-server listening on ")
+                .map(|url| url.trim().to_owned())
+        })
+        .expect("the server printed its address");
+    // Keep reading its log, as a supervisor would: a closed pipe is not what is under test.
+    std::thread::spawn(move || stderr.for_each(drop));
+    (child, base)
+}
+
+/// Waits (bounded) until a server at `base` answers `/health` with 200.
+pub async fn wait_healthy(client: &reqwest::Client, base: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while client
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(std::time::Instant::now() < deadline, "never healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
