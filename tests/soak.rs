@@ -119,8 +119,19 @@ async fn rounds_of_256_streams_with_hang_ups() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         rss.push(rss_mib(server.id()));
+        let port = base.rsplit(':').next().unwrap();
+        let sockets = std::process::Command::new("ss")
+            .args([
+                "-Htn",
+                "state",
+                "established",
+                &format!("( sport = :{port} )"),
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+            .unwrap_or(0);
         println!(
-            "round {round}: {} completed exactly, {} hung up, {:.1} s, KV blocks in use 0, RSS {:.1} MiB",
+            "round {round}: {} completed exactly, {} hung up, {:.1} s, KV blocks in use 0, RSS {:.1} MiB, {sockets} connections open",
             completed.len(),
             CLIENTS - completed.len(),
             started.elapsed().as_secs_f64(),
