@@ -444,10 +444,7 @@ async fn a_client_disconnect_without_streaming_aborts_the_request() {
                       "messages": [{"role": "user", "content": "hi"}]})
     .to_string();
     let mut socket = tokio::net::TcpStream::connect(t.server.addr).await.unwrap();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let request = raw_json_post("/v1/chat/completions", &body);
     socket.write_all(request.as_bytes()).await.unwrap();
     let engine = &t.server.state.model.get().unwrap().engine;
     for _ in 0..500 {

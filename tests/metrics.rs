@@ -24,15 +24,9 @@ async fn scrape(t: &TestServer) -> String {
 }
 
 async fn chat(t: &TestServer, body: &Value) -> Value {
-    let r = t
-        .client
-        .post(format!("{}/v1/chat/completions", t.base))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    let (status, answer) = post(t, "/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
 }
 
 fn count(text: &str, family: &str) -> f64 {
@@ -176,10 +170,7 @@ async fn a_client_that_leaves_is_counted_as_aborted_not_200() {
                       "messages": [{"role": "user", "content": "hi"}]})
     .to_string();
     let mut socket = tokio::net::TcpStream::connect(t.server.addr).await.unwrap();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let request = raw_json_post("/v1/chat/completions", &body);
     socket.write_all(request.as_bytes()).await.unwrap();
     let engine = &t.server.state.model.get().unwrap().engine;
     while engine.metrics().generated_tokens < 5 {

@@ -21,12 +21,9 @@ fn stalled_stream(addr: std::net::SocketAddr, n: usize) -> TcpStream {
     })
     .to_string();
     let mut stream = TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    stream
+        .write_all(raw_json_post("/v1/chat/completions", &body).as_bytes())
+        .unwrap();
     stream
 }
 

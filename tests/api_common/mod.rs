@@ -230,3 +230,11 @@ pub async fn wait_healthy(client: &reqwest::Client, base: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The bytes of an HTTP/1.1 JSON POST, for tests that drive a raw socket (to stall or drop it).
+pub fn raw_json_post(path: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
