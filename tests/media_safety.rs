@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 mod media_common;
 
-use llava_server::frontend::media::{check_dimensions, MediaError, MediaFetcher, MediaPolicy};
+use llava_server::frontend::media::{read_header, MediaError, MediaFetcher, MediaPolicy};
 use media_common::*;
 use tokio::io::AsyncWriteExt;
 
@@ -60,7 +60,9 @@ async fn private_hosts_download_when_allowed() {
         let bytes = fetcher.fetch(&server.url("/img.png")).await.unwrap();
         assert_eq!(bytes, png);
         assert_eq!(
-            check_dimensions(&bytes, fetcher.policy().max_pixels).unwrap(),
+            read_header(&bytes, fetcher.policy().max_pixels)
+                .map(|h| (h.width, h.height))
+                .unwrap(),
             (336, 336)
         );
         // Through the resolver as well.
@@ -282,7 +284,9 @@ async fn a_pixel_bomb_header_is_refused_before_decoding() {
         let fetcher = MediaFetcher::new(allowlisted("127.0.0.2")).unwrap();
         let bytes = fetcher.fetch(&server.url("/bomb.png")).await.unwrap();
         assert_eq!(bytes, bomb);
-        let err = check_dimensions(&bytes, fetcher.policy().max_pixels).unwrap_err();
+        let err = read_header(&bytes, fetcher.policy().max_pixels)
+            .map(|h| (h.width, h.height))
+            .unwrap_err();
         assert!(
             matches!(
                 err,

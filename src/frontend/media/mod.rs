@@ -396,11 +396,6 @@ pub fn read_header(bytes: &[u8], max_pixels: u64) -> Result<ImageHeader, MediaEr
     })
 }
 
-/// Width and height from the header (`read_header` without the format).
-pub fn check_dimensions(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32), MediaError> {
-    read_header(bytes, max_pixels).map(|h| (h.width, h.height))
-}
-
 /// "outer: inner: innermost", since reqwest's own message rarely names the cause.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
