@@ -273,7 +273,7 @@ fn tiny_fixtures_in_bf16_agree_with_hf_greedy_tokens() {
                 })
                 .collect();
             let prompt = builder
-                .tokenize(case["prompt"].as_str().unwrap(), images, 0)
+                .tokenize(case["prompt"].as_str().unwrap(), images)
                 .unwrap();
             let want: Vec<u32> = case["greedy"]["ids"]
                 .as_array()

@@ -26,7 +26,7 @@ fn prompts(dir: &Path, builder: &PromptBuilder) -> (TokenizedPrompt, Vec<Tokeniz
                 MessagePart::Text("Describe the picture.".into()),
             ],
         };
-        builder.build(&[msg], vec![img], 0).unwrap()
+        builder.build(&[msg], vec![img]).unwrap()
     };
     let text = |i: usize| {
         let msg = ChatMessage {
@@ -35,7 +35,7 @@ fn prompts(dir: &Path, builder: &PromptBuilder) -> (TokenizedPrompt, Vec<Tokeniz
                 "Tell me story number {i} about llamas."
             ))],
         };
-        builder.build(&[msg], vec![], 0).unwrap()
+        builder.build(&[msg], vec![]).unwrap()
     };
     let images = [
         "scene_640x480.png",

@@ -131,7 +131,7 @@ fn image_prompt(builder: &PromptBuilder, image: ProcessedImage, words: usize) ->
         role: Role::User,
         parts: vec![MessagePart::Image, MessagePart::Text(text)],
     };
-    builder.build(&[msg], vec![image], 0).unwrap()
+    builder.build(&[msg], vec![image]).unwrap()
 }
 
 fn forced(max_tokens: usize) -> SamplingParams {

@@ -111,6 +111,10 @@ pub struct ServeArgs {
     /// connection is closed and its request aborted.
     #[arg(long, env = "LLAVA_SERVER_WRITE_TIMEOUT", default_value_t = 60.0)]
     pub write_timeout: f64,
+    /// Seconds a client may take to send a request's head, and a keep-alive connection may stay
+    /// idle, before the connection is closed (a head sent a byte a minute holds nothing for long).
+    #[arg(long, env = "LLAVA_SERVER_HEADER_READ_TIMEOUT", default_value_t = 30.0)]
+    pub header_read_timeout: f64,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -133,6 +137,10 @@ pub struct EngineArgs {
     /// KV-cache size in blocks (overrides --kv-cache-memory).
     #[arg(long, env = "LLAVA_SERVER_NUM_KV_BLOCKS")]
     pub num_kv_blocks: Option<usize>,
+    /// Context length in tokens (prompt plus generation), below the model's positions and the KV
+    /// cache, which cap it anyway (as vLLM's flag).
+    #[arg(long, env = "LLAVA_SERVER_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
     /// KV-cache size in bytes; suffixes KiB, MiB, GiB accepted (default: 1GiB on the CPU; on a GPU
     /// what --gpu-memory-utilization leaves).
     #[arg(long, env = "LLAVA_SERVER_KV_CACHE_MEMORY", value_parser = parse_bytes)]
@@ -269,6 +277,7 @@ impl ServeArgs {
                 max_num_encoder_tokens: e.max_num_batched_tokens,
                 block_size: e.block_size,
                 num_kv_blocks: e.num_kv_blocks,
+                max_model_len: e.max_model_len,
                 kv_cache_memory: e.kv_cache_memory.unwrap_or(1 << 30),
                 gpu_memory_utilization: match e.kv_cache_memory {
                     None => Some(e.gpu_memory_utilization),
@@ -286,6 +295,7 @@ impl ServeArgs {
             shutdown_timeout: seconds("--shutdown-timeout", self.shutdown_timeout)?,
             max_connections: self.max_connections,
             write_timeout: seconds("--write-timeout", self.write_timeout)?,
+            header_read_timeout: seconds("--header-read-timeout", self.header_read_timeout)?,
             model,
             load_format: self.load_format,
             dtype: self.dtype,

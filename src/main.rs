@@ -105,7 +105,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         role: Role::User,
         parts,
     }];
-    let prompt = builder.build(&messages, images, args.max_tokens)?;
+    // The engine checks that prompt and max_tokens fit the context.
+    let prompt = builder.build(&messages, images)?;
 
     let params = SamplingParams {
         max_tokens: args.max_tokens,

@@ -138,3 +138,59 @@ pub struct TokenEvent {
     /// Set on the last event of the request.
     pub usage: Option<Usage>,
 }
+
+/// The context rule, in its one home: a prompt plus the tokens it may generate must fit the context
+/// (the least of the model's positions, the KV cache and `--max-model-len`). The API applies it to a
+/// lower bound of the prompt before anything is fetched and to the tokenized prompt after; the
+/// engine applies it again only for callers that bypass the API (the CLI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextLimit(pub usize);
+
+/// A prompt and its generation budget that do not fit the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextOverflow {
+    pub prompt_tokens: usize,
+    /// What the client asked for; `None`: nothing, and the prompt alone fills the context.
+    pub max_tokens: Option<usize>,
+    pub context: usize,
+}
+
+impl ContextLimit {
+    /// The generation budget of a prompt: `asked`, or when the client left it out the rest of the
+    /// context (at least one token must fit).
+    pub fn fit(self, prompt_tokens: usize, asked: Option<usize>) -> Result<usize, ContextOverflow> {
+        let overflow = ContextOverflow {
+            prompt_tokens,
+            max_tokens: asked,
+            context: self.0,
+        };
+        match asked {
+            Some(m) if prompt_tokens.saturating_add(m) > self.0 => Err(overflow),
+            Some(m) => Ok(m),
+            None if prompt_tokens >= self.0 => Err(overflow),
+            None => Ok(self.0 - prompt_tokens),
+        }
+    }
+}
+
+impl ContextOverflow {
+    /// The error text, with `prompt` saying what the prompt is ("the prompt is 5000 tokens").
+    pub fn describe(&self, prompt: &str) -> String {
+        let context = self.context;
+        match self.max_tokens {
+            Some(m) => format!(
+                "{prompt} and max_tokens is {m}: together they exceed the context of {context} tokens"
+            ),
+            None => format!("{prompt}, which fills the context of {context} tokens"),
+        }
+    }
+}
+
+impl std::fmt::Display for ContextOverflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let prompt = format!("the prompt is {} tokens", self.prompt_tokens);
+        f.write_str(&self.describe(&prompt))
+    }
+}
+
+impl std::error::Error for ContextOverflow {}

@@ -18,29 +18,6 @@ fn jpeg_refs() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-async fn kv_blocks_used(t: &TestServer) -> u64 {
-    // The engine publishes its gauges after each step; give the last one a moment.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    t.server
-        .state
-        .model
-        .get()
-        .unwrap()
-        .engine
-        .metrics()
-        .kv_blocks_used
-}
-
-async fn assert_still_exact(t: &TestServer) {
-    let (status, body) = post(t, "/v1/chat/completions", &image_chat(json!({}))).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        body["choices"][0]["message"]["content"],
-        reference("chat_template")["greedy"]["text"]
-    );
-    assert_eq!(kv_blocks_used(t).await, 0);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jpeg_photos_get_hfs_greedy_answers() {
     let t = start(options()).await;

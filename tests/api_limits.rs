@@ -79,7 +79,7 @@ async fn a_prompt_that_fits_the_bound_but_not_the_context_is_still_refused() {
     .await;
     assert_eq!(status, 400, "{answer}");
     let message = answer["error"]["message"].as_str().unwrap();
-    assert!(message.contains("exceeds the context of 4096"), "{message}");
+    assert!(message.contains("exceed the context of 4096"), "{message}");
 }
 
 fn cached(body: &serde_json::Value) -> u64 {

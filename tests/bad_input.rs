@@ -5,6 +5,7 @@ mod common;
 use candle_core::{DType, Device};
 use llava_server::frontend::{ChatMessage, ImageProcessorConfig, MessagePart, PromptBuilder, Role};
 use llava_server::model::{resolve_checkpoint, LlavaConfig, LlavaModel};
+use llava_server::types::ContextLimit;
 use std::path::Path;
 
 /// A writable copy of a fixture checkpoint (files symlinked, so only what a test replaces is copied).
@@ -111,26 +112,32 @@ fn prompt_longer_than_the_context_is_refused() {
     let dir = common::fixtures().join("tiny");
     let config = LlavaConfig::from_file(&dir.join("config.json")).unwrap();
     let builder = PromptBuilder::from_checkpoint(&dir, &config).unwrap();
-    let long = "llama ".repeat(5000);
-    let messages = [ChatMessage {
-        role: Role::User,
-        parts: vec![MessagePart::Text(long)],
-    }];
-    let err = builder
-        .build(&messages, vec![], 16)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("exceeds the context of 4096 tokens"), "{err}");
-    // A prompt that fits, but not with the tokens asked for, is refused too.
-    let messages = [ChatMessage {
-        role: Role::User,
-        parts: vec![MessagePart::Text("llama ".repeat(2000))],
-    }];
-    let err = builder
-        .build(&messages, vec![], 4000)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("4000 tokens to generate"), "{err}");
+    let context = ContextLimit(config.text.max_position_embeddings);
+    assert_eq!(context.0, 4096, "the fixture's positions");
+    let tokens = |words: usize| {
+        let messages = [ChatMessage {
+            role: Role::User,
+            parts: vec![MessagePart::Text("llama ".repeat(words))],
+        }];
+        builder.build(&messages, vec![]).unwrap().token_ids.len()
+    };
+    // Alone too long, with or without a budget.
+    let long = tokens(5000);
+    assert!(long > 4096, "{long}");
+    let err = context.fit(long, Some(16)).unwrap_err().to_string();
+    assert!(err.contains("exceed the context of 4096 tokens"), "{err}");
+    let err = context.fit(long, None).unwrap_err().to_string();
+    assert!(err.contains("fills the context of 4096 tokens"), "{err}");
+    // A prompt that fits, but not with the tokens asked for; without a budget it gets the rest.
+    let short = tokens(2000);
+    let err = context.fit(short, Some(4000)).unwrap_err().to_string();
+    assert!(err.contains("max_tokens is 4000"), "{err}");
+    assert_eq!(context.fit(short, None), Ok(4096 - short));
+    assert_eq!(context.fit(4095, None), Ok(1));
+    assert!(context.fit(4096, None).is_err());
+    assert_eq!(context.fit(4000, Some(96)), Ok(96));
+    assert!(context.fit(4000, Some(97)).is_err());
+    assert!(context.fit(usize::MAX, Some(1)).is_err());
 }
 
 #[test]
@@ -142,7 +149,7 @@ fn image_count_must_match_placeholders() {
         role: Role::User,
         parts: vec![MessagePart::Image, MessagePart::Text("hi".into())],
     }];
-    let err = builder.build(&messages, vec![], 1).unwrap_err().to_string();
+    let err = builder.build(&messages, vec![]).unwrap_err().to_string();
     assert!(err.contains("1 image placeholders but 0 images"), "{err}");
 }
 

@@ -22,7 +22,7 @@ fn chunked_prefill_matches_whole_prompt_reference() {
         let case = fx.case(name);
         let prompt = fx
             .builder
-            .tokenize(case["prompt"].as_str().unwrap(), fx.images(case), 0)
+            .tokenize(case["prompt"].as_str().unwrap(), fx.images(case))
             .unwrap();
         let mut seq = SequenceState::new(&fx.model, prompt.token_ids.len(), 16).unwrap();
         let logits = seq.prefill(&prompt, Some(chunk)).unwrap();
@@ -44,7 +44,7 @@ fn several_sequences_in_one_step_match_their_references() {
         .map(|n| {
             let case = fx.case(n);
             fx.builder
-                .tokenize(case["prompt"].as_str().unwrap(), fx.images(case), 0)
+                .tokenize(case["prompt"].as_str().unwrap(), fx.images(case))
                 .unwrap()
         })
         .collect();
@@ -161,7 +161,7 @@ fn fused_kernel_path_matches_hf_on_the_cpu() {
         let case = fx.case(name);
         let prompt = fx
             .builder
-            .tokenize(case["prompt"].as_str().unwrap(), fx.images(case), 0)
+            .tokenize(case["prompt"].as_str().unwrap(), fx.images(case))
             .unwrap();
         let want = ids(&case["greedy"]["ids"]);
         let mut seq = SequenceState::new(&fx.model, prompt.token_ids.len() + 4, 16).unwrap();

@@ -44,7 +44,7 @@ fn reference_conversations_render_and_tokenize_like_hf() {
     }];
     let text = tiny.builder.render(&messages).unwrap();
     assert_eq!(text, case["prompt"].as_str().unwrap());
-    let prompt = tiny.builder.build(&messages, tiny.images(case), 0).unwrap();
+    let prompt = tiny.builder.build(&messages, tiny.images(case)).unwrap();
     assert_eq!(prompt.token_ids, ids(&case["input_ids"]));
 
     let gqa = Fixture::load("tiny_gqa");
@@ -60,7 +60,7 @@ fn reference_conversations_render_and_tokenize_like_hf() {
             "{}",
             case["name"]
         );
-        let prompt = gqa.builder.build(&messages, gqa.images(case), 0).unwrap();
+        let prompt = gqa.builder.build(&messages, gqa.images(case)).unwrap();
         assert_eq!(
             prompt.token_ids,
             ids(&case["input_ids"]),

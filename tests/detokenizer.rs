@@ -108,3 +108,24 @@ fn a_possible_stop_prefix_is_held_back_while_streaming() {
     released.push_str(&text.finish().unwrap().text);
     assert_eq!(released, "one two three four");
 }
+
+/// HF decodes a run of byte-fallback tokens as a whole: a byte that makes the run invalid UTF-8
+/// turns every byte of it into U+FFFD, and dropped tokens (a skipped special, an id past the
+/// tokenizer's 32,002) do not end the run. Expected strings from HF tokenizers 0.23.3,
+/// `Tokenizer.decode(ids, skip_special_tokens=True)` on this tokenizer.json. Found by fuzzing.
+#[test]
+fn a_byte_that_invalidates_its_run_changes_the_whole_run_as_in_hf() {
+    let tok = tokenizer();
+    let cases: [(&[u32], &str); 6] = [
+        (&[60, 226], "\u{FFFD}\u{FFFD}"),        // <0x39> <0xDF>
+        (&[60, 226, 263], "\u{FFFD}\u{FFFD} a"), // … ▁a
+        (&[198, 2, 172], "é"),                   // <0xC3> </s> <0xA9>
+        (&[198, 40000, 172], "é"),               // an id past the vocabulary between
+        (&[198, 2, 172, 29871], "é "),           // … ▁
+        (&[450, 198, 172, 226], "The\u{FFFD}\u{FFFD}\u{FFFD}"), // ▁The <0xC3> <0xA9> <0xDF>
+    ];
+    for (ids, hf) in cases {
+        let (pieces, _) = stream(&tok, ids, &[]);
+        assert_eq!(pieces.concat(), hf, "{ids:?} streamed as {pieces:?}");
+    }
+}

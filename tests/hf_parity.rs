@@ -31,7 +31,7 @@ fn check_all_cases(variant: &str) {
         // Input ids: the rendered prompt tokenized with each image expanded.
         let prompt = fx
             .builder
-            .tokenize(case["prompt"].as_str().unwrap(), images, 16)
+            .tokenize(case["prompt"].as_str().unwrap(), images)
             .unwrap();
         assert_eq!(
             prompt.token_ids,

@@ -122,3 +122,51 @@ async fn stall(connections: usize, n: usize) {
         );
     }
 }
+
+/// A client that sends half a request head and then nothing holds its connection only until the
+/// header-read timeout: with one connection allowed, a second client is served once it is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_never_end_are_cut() {
+    let mut opts = options();
+    opts.max_connections = 1;
+    opts.header_read_timeout = Duration::from_secs(1);
+    let t = start(opts).await;
+    // `start` polled /health on a keep-alive connection, which holds the only place until it is
+    // idle past the same timeout; wait for it to go.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let mut slow = TcpStream::connect(t.server.addr).unwrap();
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-")
+        .unwrap();
+    let sent = Instant::now();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut sink = [0u8; 1024];
+    let closed = loop {
+        match slow.read(&mut sink) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    let waited = sent.elapsed();
+    assert!(
+        closed,
+        "a half-sent head still holds its connection after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "closed only after {waited:?}"
+    );
+
+    // The place it held serves a fresh client.
+    let fresh = reqwest::Client::new();
+    let health = fresh
+        .get(format!("{}/health", t.base))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}

@@ -118,7 +118,7 @@ fn a_padded_decode_continues_a_prefill_with_hfs_tokens() {
     let case = fx.case("text_only");
     let prompt = fx
         .builder
-        .tokenize(case["prompt"].as_str().unwrap(), fx.images(case), 0)
+        .tokenize(case["prompt"].as_str().unwrap(), fx.images(case))
         .unwrap();
     let want = common::ids(&case["greedy"]["ids"]);
     let len = prompt.token_ids.len();

@@ -16,7 +16,6 @@ use super::sse::{sse_response, SseSink};
 use super::state::{new_id, unix_now, SharedState};
 use super::wire::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorResponse,
-    PromptInput,
 };
 use crate::types::StepLogprobs;
 
@@ -43,15 +42,8 @@ pub async fn completions(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_json(&state, body)?;
-    let prompt = match &req.prompt {
-        PromptInput::Text(t) => t.clone(),
-        PromptInput::Many(v) if v.len() == 1 => v[0].clone(),
-        PromptInput::Many(_) => {
-            return Err(ApiError::invalid("`prompt` must be one string", "prompt"))
-        }
-    };
     let key = client_key.as_ref().map(|k| k.0 .0.as_str());
-    let prepared = prepare_completion(&state, &req.model, prompt, &req.sampling, key).await?;
+    let prepared = prepare_completion(&state, &req, key).await?;
     let include_usage = req
         .sampling
         .stream_options

@@ -110,7 +110,6 @@ impl From<FrontendError> for ApiError {
     fn from(e: FrontendError) -> Self {
         match e {
             FrontendError::Config(_) => ApiError::internal(e),
-            FrontendError::PromptTooLong { .. } => ApiError::invalid(e.to_string(), "messages"),
             _ => ApiError::invalid(e.to_string(), "messages"),
         }
     }

@@ -10,9 +10,10 @@ use tokenizers::Tokenizer;
 use super::error::ApiError;
 use super::state::{AppState, InFlight, ServedModel, SharedState};
 use super::telemetry::{self, RequestTimer};
-use super::validate::{chat_messages, sampling_params};
+use super::validate::{context_error, validate_chat, validate_completion, ValidGeneration};
 use super::wire::{
-    ChatCompletionRequest, PromptTokensDetails, TokenLogprobWire, TopLogprobWire, UsageWire,
+    ChatCompletionRequest, CompletionRequest, PromptTokensDetails, TokenLogprobWire,
+    TopLogprobWire, UsageWire,
 };
 use crate::engine::RequestStream;
 use crate::frontend::ChoiceText;
@@ -26,71 +27,6 @@ pub struct Prepared {
     pub params: SamplingParams,
     /// Counted against the running + queued limit from admission, before any preparation work.
     pub in_flight: InFlight,
-}
-
-/// What can be refused from the request alone, before anything is fetched, decoded or tokenized:
-/// the image count, and whether images and text could fit the context at all.
-fn check_before_preparing(
-    state: &AppState,
-    model: &ServedModel,
-    images: usize,
-    text_bytes: usize,
-    asked: Option<usize>,
-) -> Result<(), ApiError> {
-    let max_images = state.config.max_images_per_request;
-    if images > max_images {
-        return Err(ApiError::invalid(
-            format!("{images} images given; at most {max_images} per request"),
-            "messages",
-        ));
-    }
-    let per_image = model.builder.features_per_image();
-    let least = images * per_image + model.builder.min_tokens_for(text_bytes);
-    let context = model.max_model_len;
-    let prompt = if images == 0 {
-        format!("the prompt is at least {least} tokens")
-    } else {
-        format!("the prompt is at least {least} tokens ({images} images of {per_image} tokens each, and the text)")
-    };
-    match asked {
-        Some(m) if least + m > context => Err(ApiError::invalid(
-            format!("{prompt} and max_tokens is {m}: together they exceed the context of {context} tokens"),
-            "max_tokens",
-        )),
-        None if least >= context => Err(ApiError::invalid(
-            format!("{prompt}, which fills the context of {context} tokens"),
-            "messages",
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// The prefix-cache salt of a request: its `cache_salt`, and its API key when keys salt the cache.
-fn cache_salt(
-    state: &AppState,
-    client_key: Option<&str>,
-    requested: Option<&str>,
-) -> Result<Option<[u8; 32]>, ApiError> {
-    use sha2::{Digest, Sha256};
-    if requested == Some("") {
-        return Err(ApiError::invalid(
-            "`cache_salt` must not be empty",
-            "cache_salt",
-        ));
-    }
-    let key = client_key.filter(|_| state.config.prefix_cache_salt_per_api_key);
-    if key.is_none() && requested.is_none() {
-        return Ok(None);
-    }
-    let mut hash = Sha256::new();
-    // Length-prefixed parts, so no key/salt pair can produce another pair's bytes.
-    for part in [key, requested] {
-        let bytes = part.map_or(&[][..], str::as_bytes);
-        hash.update((part.is_some() as u8).to_le_bytes());
-        hash.update((bytes.len() as u64).to_le_bytes());
-        hash.update(bytes);
-    }
-    Ok(Some(hash.finalize().into()))
 }
 
 /// Admission, then a place in the bounded preparation stage: work on the request's images and text
@@ -107,32 +43,21 @@ async fn admit_and_wait(
     Ok((in_flight, permit))
 }
 
-/// Fills in `max_tokens` (the rest of the context when the client left it out) and checks the fit.
+/// The context rule on the tokenized prompt: fills in `max_tokens` (the rest of the context when
+/// the client left it out) or refuses the request.
 fn resolve_max_tokens(
+    model: &ServedModel,
     params: &mut SamplingParams,
     asked: Option<usize>,
-    prompt_len: usize,
-    max_model_len: usize,
+    prompt_tokens: usize,
 ) -> Result<(), ApiError> {
-    let room = max_model_len.saturating_sub(prompt_len);
-    params.max_tokens = match asked {
-        Some(m) if prompt_len + m > max_model_len => {
-            return Err(ApiError::invalid(
-                format!(
-                    "the prompt is {prompt_len} tokens and max_tokens is {m}: together they exceed the context of {max_model_len} tokens"
-                ),
-                "max_tokens",
-            ))
-        }
-        Some(m) => m,
-        None if room == 0 => {
-            return Err(ApiError::invalid(
-                format!("the prompt is {prompt_len} tokens, which fills the context of {max_model_len} tokens"),
-                "messages",
-            ))
-        }
-        None => room,
-    };
+    params.max_tokens = model
+        .engine
+        .context_limit()
+        .fit(prompt_tokens, asked)
+        .map_err(|overflow| {
+            context_error(overflow, &format!("the prompt is {prompt_tokens} tokens"))
+        })?;
     Ok(())
 }
 
@@ -184,60 +109,51 @@ pub async fn prepare_chat(
 ) -> Result<Prepared, ApiError> {
     state.check_model(&req.model)?;
     let model = state.served()?;
-    let (mut params, asked) = sampling_params(&req.sampling, true, model.vocab_size)?;
-    let salt = cache_salt(state, client_key, req.sampling.cache_salt.as_deref())?;
-    let (messages, urls) = chat_messages(&req.messages)?;
-    let text_bytes = messages.iter().flat_map(|m| &m.parts).map(|p| match p {
-        crate::frontend::MessagePart::Text(t) => t.len(),
-        crate::frontend::MessagePart::Image => 0,
-    });
-    check_before_preparing(state, model, urls.len(), text_bytes.sum(), asked)?;
+    let valid = validate_chat(req, &state.limits(model), client_key)?;
     let (in_flight, _preparing) = admit_and_wait(state).await?;
-    let images = load_images(state, model, urls).await?;
+    let images = load_images(state, model, valid.image_urls).await?;
     let builder = model.builder.clone();
-    let mut prompt = tokio::task::spawn_blocking(move || builder.build(&messages, images, 0))
+    let messages = valid.messages;
+    let prompt = tokio::task::spawn_blocking(move || builder.build(&messages, images))
         .await
         .map_err(|e| ApiError::internal(format!("tokenizer worker failed: {e}")))??;
-    prompt.cache_salt = salt;
-    resolve_max_tokens(
-        &mut params,
-        asked,
-        prompt.token_ids.len(),
-        model.max_model_len,
-    )?;
-    Ok(Prepared {
-        prompt,
-        params,
-        in_flight,
-    })
+    finish_preparing(model, prompt, valid.generation, in_flight)
 }
 
 /// Validation and tokenization of a plain text completion request (no images, no template), the
 /// tokenization off the async runtime and only after a length bound that needs none.
 pub async fn prepare_completion(
     state: &SharedState,
-    model_name: &str,
-    prompt: String,
-    sampling: &super::wire::SamplingFields,
+    req: &CompletionRequest,
     client_key: Option<&str>,
 ) -> Result<Prepared, ApiError> {
-    state.check_model(model_name)?;
+    state.check_model(&req.model)?;
     let model = state.served()?;
-    let (mut params, asked) = sampling_params(sampling, false, model.vocab_size)?;
-    let salt = cache_salt(state, client_key, sampling.cache_salt.as_deref())?;
-    check_before_preparing(state, model, 0, prompt.len(), asked)?;
+    let valid = validate_completion(req, &state.limits(model), client_key)?;
     let (in_flight, _preparing) = admit_and_wait(state).await?;
     let builder = model.builder.clone();
-    let mut prompt = tokio::task::spawn_blocking(move || builder.tokenize(&prompt, Vec::new(), 0))
+    let text = valid.prompt;
+    let prompt = tokio::task::spawn_blocking(move || builder.tokenize(&text, Vec::new()))
         .await
         .map_err(|e| ApiError::internal(format!("tokenizer worker failed: {e}")))??;
-    prompt.cache_salt = salt;
+    finish_preparing(model, prompt, valid.generation, in_flight)
+}
+
+/// The tokenized prompt checked against the context, salted and paired with its parameters.
+fn finish_preparing(
+    model: &ServedModel,
+    mut prompt: TokenizedPrompt,
+    generation: ValidGeneration,
+    in_flight: InFlight,
+) -> Result<Prepared, ApiError> {
+    let mut params = generation.params;
     resolve_max_tokens(
+        model,
         &mut params,
-        asked,
+        generation.asked_max_tokens,
         prompt.token_ids.len(),
-        model.max_model_len,
     )?;
+    prompt.cache_salt = generation.cache_salt;
     Ok(Prepared {
         prompt,
         params,

@@ -1,8 +1,13 @@
-//! The server's listener: at most `max_connections` connections are open at once (further clients
-//! wait in the kernel's accept queue), and a connection whose client stops reading — a write that
-//! makes no progress for `write_timeout` — fails its write, so hyper closes it and the request behind
-//! it is aborted instead of holding buffers and KV blocks for as long as the client likes. Each
-//! connection's kernel send buffer is fixed too (`SEND_BUFFER_BYTES`).
+//! The server's listener and its accept loop: at most `max_connections` connections are open at
+//! once (further clients wait in the kernel's accept queue); a client that sends its request head too
+//! slowly — or leaves a keep-alive connection idle — is cut after `header_read_timeout`; and a
+//! connection whose client stops reading — a write that makes no progress for `write_timeout` —
+//! fails its write, so hyper closes it and the request behind it is aborted instead of holding
+//! buffers and KV blocks for as long as the client likes. Each connection's kernel send buffer is
+//! fixed too (`SEND_BUFFER_BYTES`).
+//!
+//! The loop is ours rather than `axum::serve` because that one gives hyper no timer, and without a
+//! timer hyper cannot time out a request head (one byte a minute would hold a connection forever).
 
 use std::future::Future;
 use std::io;
@@ -13,6 +18,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::serve::Listener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -59,6 +67,38 @@ impl Listener for BoundedListener {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
     }
+}
+
+/// Serves `app` on `listener` (HTTP/1.1) until `shutdown` resolves; then stops accepting (new
+/// connections are refused), lets every open connection finish its request in flight, and returns
+/// once all are closed.
+pub async fn serve_connections(
+    mut listener: BoundedListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let connections = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            // Clients that hang up, stall or send garbage end here; none of it is the server's fault.
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
 }
 
 /// Kernel memory a connection's unsent bytes may take. Linux grows send buffers up to 4 MiB each

@@ -2,14 +2,13 @@
 //! thread, then serve until SIGTERM/SIGINT; on a signal stop accepting, refuse new work with 503 and
 //! let in-flight requests finish for up to the shutdown timeout.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use super::listener::BoundedListener;
+use super::listener::{serve_connections, BoundedListener};
 use super::state::{ApiConfig, AppState, ServedModel, SharedState};
 use crate::engine::{self, EngineConfig};
 use crate::frontend::media::{MediaFetcher, MediaPolicy};
@@ -33,6 +32,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How long a response write may stall before its connection is closed.
     pub write_timeout: Duration,
+    /// How long a client may take to send a request head (or leave a keep-alive connection idle).
+    pub header_read_timeout: Duration,
 }
 
 /// Loads the model (real or dummy weights), tokenizer, template and image processor, and starts the engine.
@@ -48,10 +49,10 @@ pub fn load_served_model(
     let (model, assets) = load_model(spec, format, dtype, &device)?;
     let builder = PromptBuilder::from_checkpoint(&assets.root, &model.config)?;
     let processor = ImageProcessorConfig::from_file(&assets.file("preprocessor_config.json"))?;
-    let max_model_len = model.config.text.max_position_embeddings;
     let vocab_size = model.config.text.vocab_size;
     engine_config.eos_token_ids = eos_token_ids(&assets.root);
     let engine = engine::start(model, engine_config)?;
+    let max_model_len = engine.context_limit().0;
     Ok(ServedModel {
         engine,
         builder: Arc::new(builder),
@@ -120,19 +121,17 @@ pub async fn spawn(
                 std::process::exit(1);
             });
         };
-        let server = axum::serve(listener, app)
-            .with_graceful_shutdown(graceful)
-            .into_future();
+        let server = serve_connections(listener, app, opts.header_read_timeout, graceful);
         tokio::pin!(server);
         // A model that fails to load ends the server with that error.
         tokio::select! {
-            served = &mut server => return served.context("server failed"),
+            () = &mut server => return Ok(()),
             loaded = loader => loaded.context("model loader panicked")??,
         }
         // So does an engine that stopped on faults: `/health` already says 503, and a non-zero exit
         // lets the supervisor (systemd, Kubernetes) restart the process.
         tokio::select! {
-            served = &mut server => served.context("server failed"),
+            () = &mut server => Ok(()),
             () = engine_failure(watched_state) => {
                 anyhow::bail!("the engine stopped after repeated faults; exiting so that a supervisor restarts the server")
             }

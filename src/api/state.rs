@@ -89,6 +89,18 @@ impl AppState {
     }
 
     /// 404 unless `name` is the served model's name.
+    /// What requests to `model` are validated against.
+    pub fn limits(&self, model: &ServedModel) -> super::validate::Limits {
+        super::validate::Limits {
+            vocab_size: model.vocab_size,
+            context: model.engine.context_limit(),
+            max_images: self.config.max_images_per_request,
+            features_per_image: model.builder.features_per_image(),
+            max_token_bytes: model.builder.max_token_bytes(),
+            salt_per_api_key: self.config.prefix_cache_salt_per_api_key,
+        }
+    }
+
     pub fn check_model(&self, name: &str) -> Result<(), ApiError> {
         if name == self.config.served_model_name {
             Ok(())

@@ -15,7 +15,7 @@ use super::runner::ModelRunner;
 use super::EngineError;
 use crate::model::{LlavaModel, ModelError};
 use crate::scheduler::{BlockPool, Scheduler, SchedulerConfig};
-use crate::types::{SamplingParams, TokenEvent, TokenizedPrompt};
+use crate::types::{ContextLimit, SamplingParams, TokenEvent, TokenizedPrompt};
 
 /// Engine limits and sizes (the CLI's `--max-num-batched-tokens` and friends).
 #[derive(Debug, Clone)]
@@ -29,6 +29,8 @@ pub struct EngineConfig {
     /// `kv_cache_memory` bytes decide it.
     pub num_kv_blocks: Option<usize>,
     pub kv_cache_memory: usize,
+    /// Caps the context below the model's positions and the KV cache (vLLM's `--max-model-len`).
+    pub max_model_len: Option<usize>,
     /// On a GPU: the share of its memory this process may fill (weights, activations and the KV
     /// cache, which gets what is left), as vLLM's flag. `None`: `kv_cache_memory` decides.
     pub gpu_memory_utilization: Option<f64>,
@@ -64,6 +66,7 @@ impl Default for EngineConfig {
             block_size: 16,
             num_kv_blocks: None,
             kv_cache_memory: 1 << 30,
+            max_model_len: None,
             gpu_memory_utilization: None,
             image_cache_size: 64,
             eos_token_ids: vec![2],
@@ -76,8 +79,7 @@ impl Default for EngineConfig {
 /// What `submit` checks a request against.
 #[derive(Debug, Clone)]
 struct Limits {
-    max_model_len: usize,
-    pool_tokens: usize,
+    context: ContextLimit,
     max_encoder_tokens: usize,
 }
 
@@ -170,9 +172,17 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
     }
     let features_per_image = model.config.image_feature_count();
     let max_encoder_tokens = config.max_num_encoder_tokens.max(features_per_image);
+    let context = [
+        Some(model.config.text.max_position_embeddings),
+        Some(num_blocks * config.block_size),
+        config.max_model_len,
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(0);
     let limits = Limits {
-        max_model_len: model.config.text.max_position_embeddings,
-        pool_tokens: num_blocks * config.block_size,
+        context: ContextLimit(context),
         max_encoder_tokens,
     };
     let kv_cache = model.new_kv_cache(num_blocks, config.block_size)?;
@@ -192,7 +202,7 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
         .store(num_blocks as u64, std::sync::atomic::Ordering::Relaxed);
     let (tx, rx) = mpsc::channel();
     let core_metrics = metrics.clone();
-    let max_model_len = limits.max_model_len;
+    let max_model_len = limits.context.0;
     // Weights and cache were written on this thread's stream; the engine thread steps on its own.
     model.device().synchronize()?;
     let (ready_tx, ready) = mpsc::sync_channel(1);
@@ -330,18 +340,8 @@ impl EngineHandle {
             return invalid("every image needs exactly one placeholder span".into());
         }
         let l = &self.limits;
-        if len + params.max_tokens > l.max_model_len {
-            return invalid(format!(
-                "prompt ({len} tokens) + max_tokens ({}) exceeds the context of {} tokens",
-                params.max_tokens, l.max_model_len
-            ));
-        }
-        if len + params.max_tokens > l.pool_tokens {
-            return invalid(format!(
-                "prompt + max_tokens ({}) exceeds the KV cache ({} tokens)",
-                len + params.max_tokens,
-                l.pool_tokens
-            ));
+        if let Err(overflow) = l.context.fit(len, Some(params.max_tokens)) {
+            return invalid(overflow.to_string());
         }
         if let Some(span) = prompt
             .image_spans
@@ -361,6 +361,12 @@ impl EngineHandle {
     }
 
     /// True once the engine thread stopped on a fault: nothing more will be served.
+    /// Tokens a prompt and its generation may take together: the least of the model's positions,
+    /// the KV cache and `max_model_len`.
+    pub fn context_limit(&self) -> ContextLimit {
+        self.limits.context
+    }
+
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }

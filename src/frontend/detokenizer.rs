@@ -36,9 +36,37 @@ impl IncrementalDetokenizer {
             .map_err(|e| FrontendError::Tokenizer(e.to_string()))
     }
 
+    /// How decoding treats `id` with respect to runs of byte-fallback tokens.
+    fn kind(&self, id: u32) -> TokenKind {
+        match self.tokenizer.id_to_token(id) {
+            // Past the tokenizer's vocabulary (the model's rows may outnumber its ids): dropped.
+            None => TokenKind::Dropped,
+            Some(piece) if is_byte_piece(&piece) => TokenKind::Byte,
+            Some(piece)
+                if self.skip_special_tokens
+                    && self
+                        .tokenizer
+                        .get_added_vocabulary()
+                        .is_special_token(&piece) =>
+            {
+                TokenKind::Dropped
+            }
+            Some(_) => TokenKind::Text,
+        }
+    }
+
     /// Adds one token; returns the text it completes (empty while a character is incomplete).
+    ///
+    /// Text is released only after a token that decoding keeps and that is not a byte: HF decodes
+    /// a run of byte tokens as a whole, and one invalid byte turns every byte of the run into U+FFFD
+    /// (`<0x39><0xDF>` is "��", not "9�"), so a run's text is final only once the run has ended.
+    /// Dropped tokens (skipped specials, ids past the vocabulary) do not end a run: decoding removes
+    /// them before it joins the bytes (`<0xC3></s><0xA9>` is "é").
     pub fn push(&mut self, id: u32) -> Result<String, FrontendError> {
         self.ids.push(id);
+        if self.kind(id) != TokenKind::Text {
+            return Ok(String::new());
+        }
         let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = self.decode(&self.ids[self.prefix_offset..])?;
         if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') || !full.starts_with(&prefix) {
@@ -61,6 +89,24 @@ impl IncrementalDetokenizer {
         self.emitted.push_str(&rest);
         Ok(rest)
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenKind {
+    /// A SentencePiece byte-fallback piece, `<0x00>` … `<0xFF>`.
+    Byte,
+    /// Removed by decoding.
+    Dropped,
+    /// Anything else: text that ends a run of bytes.
+    Text,
+}
+
+fn is_byte_piece(piece: &str) -> bool {
+    let b = piece.as_bytes();
+    b.len() == 6
+        && piece.starts_with("<0x")
+        && b[5] == b'>'
+        && b[3..5].iter().all(u8::is_ascii_hexdigit)
 }
 
 /// Text of one choice: incremental detokenization plus stop strings.

@@ -27,10 +27,4 @@ pub enum FrontendError {
     Tokenizer(String),
     #[error("the prompt has {placeholders} image placeholders but {images} images were given")]
     ImageCountMismatch { placeholders: usize, images: usize },
-    #[error("the prompt is {prompt_tokens} tokens; with {reserved} tokens to generate it exceeds the context of {max_context} tokens")]
-    PromptTooLong {
-        prompt_tokens: usize,
-        reserved: usize,
-        max_context: usize,
-    },
 }

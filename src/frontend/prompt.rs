@@ -50,8 +50,7 @@ pub struct PromptBuilder {
     eos_token: String,
     image_token_id: u32,
     features_per_image: usize,
-    max_context: usize,
-    /// Longest vocabulary entry in bytes (`min_tokens_for`).
+    /// Longest vocabulary entry in bytes (`max_token_bytes`).
     max_token_bytes: usize,
 }
 
@@ -85,7 +84,6 @@ impl PromptBuilder {
             eos_token: special.eos,
             image_token_id: config.image_token_id,
             features_per_image: config.image_feature_count(),
-            max_context: config.text.max_position_embeddings,
         })
     }
 
@@ -94,9 +92,9 @@ impl PromptBuilder {
         self.features_per_image
     }
 
-    /// The fewest tokens `bytes` bytes of text can become.
-    pub fn min_tokens_for(&self, bytes: usize) -> usize {
-        bytes / self.max_token_bytes
+    /// The longest vocabulary entry in bytes: text of N bytes is at least N / this many tokens.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -123,13 +121,12 @@ impl PromptBuilder {
             .render(&messages, &self.bos_token, &self.eos_token, true)
     }
 
-    /// Tokenizes rendered text and expands each image token; `images` in placeholder order.
-    /// `reserve` tokens (the generation budget) must still fit in the context.
+    /// Tokenizes rendered text and expands each image token; `images` in placeholder order. Whether
+    /// the prompt fits the context is `types::ContextLimit`'s to say, not the tokenizer's.
     pub fn tokenize(
         &self,
         text: &str,
         images: Vec<ProcessedImage>,
-        reserve: usize,
     ) -> Result<TokenizedPrompt, FrontendError> {
         // The template may already start with BOS; the tokenizer must not add a second one.
         let add_special = self.bos_token.is_empty() || !text.starts_with(&self.bos_token);
@@ -162,13 +159,6 @@ impl PromptBuilder {
                 token_ids.push(id);
             }
         }
-        if token_ids.len() + reserve > self.max_context {
-            return Err(FrontendError::PromptTooLong {
-                prompt_tokens: token_ids.len(),
-                reserved: reserve,
-                max_context: self.max_context,
-            });
-        }
         Ok(TokenizedPrompt {
             token_ids,
             images,
@@ -182,10 +172,9 @@ impl PromptBuilder {
         &self,
         messages: &[ChatMessage],
         images: Vec<ProcessedImage>,
-        reserve: usize,
     ) -> Result<TokenizedPrompt, FrontendError> {
         let text = self.render(messages)?;
-        self.tokenize(&text, images, reserve)
+        self.tokenize(&text, images)
     }
 
     /// Generated ids → text, special tokens skipped (as HF's `batch_decode(skip_special_tokens=True)`).

@@ -41,13 +41,9 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(shape: KvCacheShape, dtype: DType, device: &Device) -> candle_core::Result<Self> {
         let row = shape.num_kv_heads * shape.head_dim;
+        let pool = || committed_zeros((shape.num_slots(), row), dtype, device);
         let layers = (0..shape.num_layers)
-            .map(|_| {
-                Ok((
-                    Tensor::zeros((shape.num_slots(), row), dtype, device)?,
-                    Tensor::zeros((shape.num_slots(), row), dtype, device)?,
-                ))
-            })
+            .map(|_| Ok((pool()?, pool()?)))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self { shape, layers })
     }
@@ -56,4 +52,22 @@ impl KvCache {
         let (k, v) = &self.layers[index];
         (k, v)
     }
+}
+
+/// Zeros whose memory is written once now. On the CPU `Tensor::zeros` is calloc: the OS backs a page
+/// only when it is first written, so an untouched pool made the server's RSS creep up for as long as
+/// the prefix cache's LRU kept reaching blocks never used before — growth that looked like a leak
+/// under load. Writing the pool at load commits it, and RSS shows the true size from the start.
+fn committed_zeros(
+    shape: (usize, usize),
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let lazy = Tensor::zeros(shape, dtype, device)?;
+    if !device.is_cpu() {
+        return Ok(lazy);
+    }
+    // An elementwise map writes every element into a fresh buffer; the calloc'd one, never
+    // touched, is returned to the OS untouched.
+    lazy.affine(1.0, 0.0)
 }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use serde_json::json;
+
 use llava_server::api::server::{spawn, RunningServer, ServeOptions};
 use llava_server::api::state::ApiConfig;
 use llava_server::engine::EngineConfig;
@@ -45,6 +47,7 @@ pub fn options() -> ServeOptions {
         shutdown_timeout: Duration::from_secs(5),
         max_connections: 256,
         write_timeout: Duration::from_secs(10),
+        header_read_timeout: Duration::from_secs(30),
     }
 }
 
@@ -237,4 +240,29 @@ pub fn raw_json_post(path: &str, body: &str) -> String {
         "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// KV blocks in use now.
+pub async fn kv_blocks_used(t: &TestServer) -> u64 {
+    // The engine publishes its gauges after each step; give the last one a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    t.server
+        .state
+        .model
+        .get()
+        .unwrap()
+        .engine
+        .metrics()
+        .kv_blocks_used
+}
+
+/// HF's greedy answer to the reference image chat is still exact, and no KV block is left in use.
+pub async fn assert_still_exact(t: &TestServer) {
+    let (status, body) = post(t, "/v1/chat/completions", &image_chat(json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        reference("chat_template")["greedy"]["text"]
+    );
+    assert_eq!(kv_blocks_used(t).await, 0);
 }

@@ -1,5 +1,6 @@
 //! OpenAI's JSON shapes (requests, responses, chunks, errors), with utoipa schemas. Only `api` sees them.
 
+pub mod number;
 pub mod request;
 pub mod response;
 

@@ -1,9 +1,14 @@
-//! OpenAI request bodies as clients send them. Unknown fields are ignored; every field is optional
-//! where OpenAI's is, and checked in `api::validate`.
+//! OpenAI request bodies as clients send them. Unknown fields are ignored, as OpenAI ignores them,
+//! except the ones OpenAI defines and this server does not implement (kept in `other`, refused by
+//! `api::validate`); every field is optional where OpenAI's is, and checked in `api::validate`.
+//! Fractions are read as f64 and checked before they are narrowed, so no value just outside a
+//! bound rounds into it.
 
 use serde::Deserialize;
 use std::collections::HashMap;
 use utoipa::ToSchema;
+
+use super::number::integer;
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -12,6 +17,10 @@ pub struct ChatCompletionRequest {
     pub messages: Vec<ChatMessage>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Every other field, for the validator to refuse the ones OpenAI defines and we do not serve.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `POST /v1/completions`.
@@ -22,6 +31,10 @@ pub struct CompletionRequest {
     pub prompt: PromptInput,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Every other field, for the validator to refuse the ones OpenAI defines and we do not serve.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -37,25 +50,31 @@ pub struct SamplingFields {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    #[serde(default, deserialize_with = "integer")]
     pub n: Option<u32>,
+    #[serde(default, deserialize_with = "integer")]
     pub seed: Option<i64>,
     pub stop: Option<StopField>,
+    #[serde(default, deserialize_with = "integer")]
     pub max_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "integer")]
     pub max_completion_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
     /// vLLM extension: 0 or -1 disables.
+    #[serde(default, deserialize_with = "integer")]
     pub top_k: Option<i32>,
     /// vLLM extension.
-    pub min_p: Option<f32>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
+    pub min_p: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
     /// vLLM extension (CTRL-style, 1 disables).
-    pub repetition_penalty: Option<f32>,
+    pub repetition_penalty: Option<f64>,
     /// Token id (as a string) → bias in [-100, 100].
-    pub logit_bias: Option<HashMap<String, f32>>,
+    pub logit_bias: Option<HashMap<String, f64>>,
     /// Chat: a boolean. Completions: the number of top alternatives (legacy API).
     pub logprobs: Option<LogprobsField>,
+    #[serde(default, deserialize_with = "integer")]
     pub top_logprobs: Option<u32>,
     /// vLLM extension: keep generating past EOS.
     pub ignore_eos: Option<bool>,

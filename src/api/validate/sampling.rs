@@ -1,32 +1,39 @@
-//! Wire request → validated values: each rule names the field it checks, as OpenAI's errors do.
+//! The generation fields both endpoints share → the engine's `SamplingParams`.
 
-use super::error::ApiError;
-use super::wire::{
-    ChatMessage as WireMessage, ContentPart, LogprobsField, MessageContent, SamplingFields,
-    StopField,
-};
-use crate::frontend::{ChatMessage, MessagePart, Role};
+use crate::api::error::ApiError;
+use crate::api::wire::{LogprobsField, SamplingFields, StopField};
 use crate::types::SamplingParams;
 
 /// Most choices one request may ask for.
 pub const MAX_N: u32 = 16;
 /// Most alternatives per token in logprobs (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
-/// Longest stop sequence: every choice scans its recent text for each stop after every token.
-pub const MAX_STOP_BYTES: usize = 1024;
+/// Longest stop sequence, in characters as JSON Schema's `maxLength` counts them: every choice
+/// scans its recent text for each stop after every token.
+pub const MAX_STOP_CHARS: usize = 1024;
 
-fn check_range(name: &'static str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {
+/// Checked in f64, the value as sent, before it is narrowed to the engine's f32: a value one ulp
+/// past a bound must not round onto it.
+fn check_range(name: &'static str, v: Option<f64>, lo: f64, hi: f64) -> Result<(), ApiError> {
     match v {
-        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => Err(ApiError::invalid(
-            format!("`{name}` must be between {lo} and {hi}, got {x}"),
-            name,
-        )),
+        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => {
+            // Scientific notation past the everyday range: `-1e308`, not 309 digits.
+            let shown = if x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+                format!("{x:e}")
+            } else {
+                x.to_string()
+            };
+            Err(ApiError::invalid(
+                format!("`{name}` must be between {lo} and {hi}, got {shown}"),
+                name,
+            ))
+        }
         _ => Ok(()),
     }
 }
 
 /// Sampling fields → engine parameters. `max_tokens` is `None` when the client left it to the server.
-pub fn sampling_params(
+pub(super) fn sampling_params(
     f: &SamplingFields,
     chat: bool,
     vocab_size: usize,
@@ -90,9 +97,9 @@ pub fn sampling_params(
             "stop",
         ));
     }
-    if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+    if stop.iter().any(|s| s.chars().count() > MAX_STOP_CHARS) {
         return Err(ApiError::invalid(
-            format!("`stop` sequences must be at most {MAX_STOP_BYTES} bytes long"),
+            format!("`stop` sequences must be at most {MAX_STOP_CHARS} characters long"),
             "stop",
         ));
     }
@@ -114,7 +121,7 @@ pub fn sampling_params(
                 "logit_bias",
             ));
         }
-        logit_bias.push((id, bias));
+        logit_bias.push((id, bias as f32));
     }
     let logprobs = logprobs(f, chat)?;
     if f.stream_options.is_some() && !f.stream {
@@ -126,15 +133,15 @@ pub fn sampling_params(
     let params = SamplingParams {
         n: n as usize,
         max_tokens: max_tokens.unwrap_or(1),
-        temperature: f.temperature.unwrap_or(1.0),
+        temperature: f.temperature.unwrap_or(1.0) as f32,
         top_k,
-        top_p: f.top_p.unwrap_or(1.0),
-        min_p: f.min_p.unwrap_or(0.0),
+        top_p: f.top_p.unwrap_or(1.0) as f32,
+        min_p: f.min_p.unwrap_or(0.0) as f32,
         // JSON integers may be negative; the bits are what matter for a seed.
         seed: f.seed.map(|s| s as u64),
-        repetition_penalty: f.repetition_penalty.unwrap_or(1.0),
-        presence_penalty: f.presence_penalty.unwrap_or(0.0),
-        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        repetition_penalty: f.repetition_penalty.unwrap_or(1.0) as f32,
+        presence_penalty: f.presence_penalty.unwrap_or(0.0) as f32,
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0) as f32,
         logit_bias,
         logprobs,
         stop,
@@ -176,62 +183,4 @@ fn logprobs(f: &SamplingFields, chat: bool) -> Result<Option<usize>, ApiError> {
         )),
         (Some(LogprobsField::Flag(true)), false) => Ok(Some(0)),
     }
-}
-
-/// Chat messages → the frontend's messages and the image URLs in order of appearance.
-pub fn chat_messages(
-    messages: &[WireMessage],
-) -> Result<(Vec<ChatMessage>, Vec<String>), ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid(
-            "`messages` must not be empty",
-            "messages",
-        ));
-    }
-    let mut out = Vec::with_capacity(messages.len());
-    let mut urls = Vec::new();
-    for (i, m) in messages.iter().enumerate() {
-        let role = match m.role.as_str() {
-            "system" | "developer" => Role::System,
-            "user" => Role::User,
-            "assistant" => Role::Assistant,
-            other => {
-                return Err(ApiError::InvalidRequest {
-                    message: format!(
-                        "messages[{i}].role {other:?} is not supported (system, user, assistant)"
-                    ),
-                    param: Some(format!("messages[{i}].role")),
-                })
-            }
-        };
-        let parts = match &m.content {
-            None if role == Role::Assistant => Vec::new(),
-            None => {
-                return Err(ApiError::InvalidRequest {
-                    message: format!("messages[{i}].content is required"),
-                    param: Some(format!("messages[{i}].content")),
-                })
-            }
-            // A plain string is one text part (HF's template would silently drop it).
-            Some(MessageContent::Text(t)) => vec![MessagePart::Text(t.clone())],
-            Some(MessageContent::Parts(parts)) => parts
-                .iter()
-                .map(|p| match p {
-                    ContentPart::Text { text } => MessagePart::Text(text.clone()),
-                    ContentPart::ImageUrl { image_url } => {
-                        urls.push(image_url.url.clone());
-                        MessagePart::Image
-                    }
-                })
-                .collect(),
-        };
-        if role != Role::User && parts.contains(&MessagePart::Image) {
-            return Err(ApiError::InvalidRequest {
-                message: format!("messages[{i}]: images are only allowed in user messages"),
-                param: Some(format!("messages[{i}].content")),
-            });
-        }
-        out.push(ChatMessage { role, parts });
-    }
-    Ok((out, urls))
 }

@@ -1,0 +1,241 @@
+//! The one validation boundary: a wire request becomes the values the rest of the server trusts.
+//! Every rule is checked here, once, against one `Limits`, before anything is fetched, decoded or
+//! tokenized; each error names the field it is about, as OpenAI's do. The only check left for
+//! later is the context rule on the tokenized prompt (`types::ContextLimit`, the same rule applied
+//! here to a lower bound of the prompt).
+
+mod messages;
+mod sampling;
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::wire::{ChatCompletionRequest, CompletionRequest, PromptInput, SamplingFields};
+use crate::frontend::{ChatMessage, MessagePart};
+use crate::types::{ContextLimit, SamplingParams};
+
+pub use sampling::{MAX_N, MAX_STOP_CHARS, MAX_TOP_LOGPROBS};
+
+/// What a request is checked against: the served model's sizes and the server's limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub vocab_size: usize,
+    pub context: ContextLimit,
+    pub max_images: usize,
+    pub features_per_image: usize,
+    /// Longest vocabulary entry in bytes: text of N bytes is at least N / this many tokens.
+    pub max_token_bytes: usize,
+    /// Whether the API key salts the prefix cache (`--prefix-cache-salt-per-api-key`).
+    pub salt_per_api_key: bool,
+}
+
+/// What both endpoints share once valid.
+#[derive(Debug, Clone)]
+pub struct ValidGeneration {
+    /// `max_tokens` is a placeholder until the prompt is tokenized: see `asked_max_tokens`.
+    pub params: SamplingParams,
+    /// What the client asked for; `None`: the rest of the context.
+    pub asked_max_tokens: Option<usize>,
+    /// The prefix-cache salt (`cache_salt`, and the API key when keys salt the cache).
+    pub cache_salt: Option<[u8; 32]>,
+}
+
+/// A chat request the server can serve, as far as the request alone can tell.
+#[derive(Debug, Clone)]
+pub struct ValidChat {
+    pub messages: Vec<ChatMessage>,
+    pub image_urls: Vec<String>,
+    pub generation: ValidGeneration,
+}
+
+/// A completion request the server can serve, as far as the request alone can tell.
+#[derive(Debug, Clone)]
+pub struct ValidCompletion {
+    pub prompt: String,
+    pub generation: ValidGeneration,
+}
+
+/// Fields OpenAI's chat API defines that this server does not implement. Sent with any value but
+/// `null` (or the value that asks for what the server does anyway), they get a 400 naming them:
+/// a client that relies on one must not get a 200 that silently ignored it.
+const REFUSED_CHAT_FIELDS: [&str; 10] = [
+    "tools",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "audio",
+    "modalities",
+    "prediction",
+    "web_search_options",
+    "reasoning_effort",
+    "response_format",
+];
+
+/// The same for the legacy completions API.
+const REFUSED_COMPLETION_FIELDS: [&str; 2] = ["echo", "suffix"];
+
+pub fn validate_chat(
+    req: &ChatCompletionRequest,
+    limits: &Limits,
+    api_key: Option<&str>,
+) -> Result<ValidChat, ApiError> {
+    refuse_unsupported(&req.other, &REFUSED_CHAT_FIELDS, req.sampling.n)?;
+    let generation = generation(&req.sampling, true, limits, api_key)?;
+    let (messages, image_urls) = messages::chat_messages(&req.messages)?;
+    let text_bytes = messages
+        .iter()
+        .flat_map(|m| &m.parts)
+        .map(|p| match p {
+            MessagePart::Text(t) => t.len(),
+            MessagePart::Image => 0,
+        })
+        .sum();
+    fits_at_all(
+        limits,
+        image_urls.len(),
+        text_bytes,
+        generation.asked_max_tokens,
+    )?;
+    Ok(ValidChat {
+        messages,
+        image_urls,
+        generation,
+    })
+}
+
+pub fn validate_completion(
+    req: &CompletionRequest,
+    limits: &Limits,
+    api_key: Option<&str>,
+) -> Result<ValidCompletion, ApiError> {
+    refuse_unsupported(&req.other, &REFUSED_COMPLETION_FIELDS, req.sampling.n)?;
+    let prompt = match &req.prompt {
+        PromptInput::Text(t) => t.clone(),
+        PromptInput::Many(v) if v.len() == 1 => v[0].clone(),
+        PromptInput::Many(_) => {
+            return Err(ApiError::invalid(
+                "`prompt` must be one string (lists of prompts are not supported)",
+                "prompt",
+            ))
+        }
+    };
+    let generation = generation(&req.sampling, false, limits, api_key)?;
+    fits_at_all(limits, 0, prompt.len(), generation.asked_max_tokens)?;
+    Ok(ValidCompletion { prompt, generation })
+}
+
+fn generation(
+    fields: &SamplingFields,
+    chat: bool,
+    limits: &Limits,
+    api_key: Option<&str>,
+) -> Result<ValidGeneration, ApiError> {
+    let (params, asked_max_tokens) = sampling::sampling_params(fields, chat, limits.vocab_size)?;
+    let cache_salt = cache_salt(limits, api_key, fields.cache_salt.as_deref())?;
+    Ok(ValidGeneration {
+        params,
+        asked_max_tokens,
+        cache_salt,
+    })
+}
+
+/// A 400 for the first refused field the request sets. Values that ask for what the server does
+/// anyway pass: `response_format` `text`, `tool_choice` `none`, `echo` false, `best_of` equal to `n`.
+fn refuse_unsupported(
+    other: &Map<String, Value>,
+    refused: &[&'static str],
+    n: Option<u32>,
+) -> Result<(), ApiError> {
+    let harmless = |name: &str, value: &Value| match name {
+        "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
+        "tool_choice" => value.as_str() == Some("none"),
+        "echo" => value.as_bool() == Some(false),
+        "best_of" => value.as_u64() == Some(u64::from(n.unwrap_or(1))),
+        _ => false,
+    };
+    let always = ["tool_choice", "best_of"];
+    for name in refused.iter().chain(always.iter()) {
+        match other.get(*name) {
+            None | Some(Value::Null) => {}
+            Some(value) if harmless(name, value) => {}
+            Some(_) => {
+                let message = match *name {
+                    "best_of" => "`best_of` is only supported equal to `n`".to_owned(),
+                    "response_format" => {
+                        "`response_format` other than `text` is not supported".to_owned()
+                    }
+                    _ => format!("`{name}` is not supported by this server"),
+                };
+                return Err(ApiError::invalid(message, *name));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What can be refused from the request alone: the image count, and whether the images and the
+/// least number of tokens the text can become could fit the context at all.
+fn fits_at_all(
+    limits: &Limits,
+    images: usize,
+    text_bytes: usize,
+    asked: Option<usize>,
+) -> Result<(), ApiError> {
+    if images > limits.max_images {
+        return Err(ApiError::invalid(
+            format!(
+                "{images} images given; at most {} per request",
+                limits.max_images
+            ),
+            "messages",
+        ));
+    }
+    let per_image = limits.features_per_image;
+    let least = images * per_image + text_bytes / limits.max_token_bytes.max(1);
+    limits.context.fit(least, asked).map(drop).map_err(|overflow| {
+        let prompt = if images == 0 {
+            format!("the prompt is at least {least} tokens")
+        } else {
+            format!("the prompt is at least {least} tokens ({images} images of {per_image} tokens each, and the text)")
+        };
+        context_error(overflow, &prompt)
+    })
+}
+
+/// The API's error for a prompt and budget that do not fit, naming the field to change.
+pub fn context_error(overflow: crate::types::ContextOverflow, prompt: &str) -> ApiError {
+    let param = if overflow.max_tokens.is_some() {
+        "max_tokens"
+    } else {
+        "messages"
+    };
+    ApiError::invalid(overflow.describe(prompt), param)
+}
+
+/// The prefix-cache salt of a request: its `cache_salt`, and its API key when keys salt the cache.
+fn cache_salt(
+    limits: &Limits,
+    api_key: Option<&str>,
+    requested: Option<&str>,
+) -> Result<Option<[u8; 32]>, ApiError> {
+    use sha2::{Digest, Sha256};
+    if requested == Some("") {
+        return Err(ApiError::invalid(
+            "`cache_salt` must not be empty",
+            "cache_salt",
+        ));
+    }
+    let key = api_key.filter(|_| limits.salt_per_api_key);
+    if key.is_none() && requested.is_none() {
+        return Ok(None);
+    }
+    let mut hash = Sha256::new();
+    // Length-prefixed parts, so no key/salt pair can produce another pair's bytes.
+    for part in [key, requested] {
+        let bytes = part.map_or(&[][..], str::as_bytes);
+        hash.update((part.is_some() as u8).to_le_bytes());
+        hash.update((bytes.len() as u64).to_le_bytes());
+        hash.update(bytes);
+    }
+    Ok(Some(hash.finalize().into()))
+}

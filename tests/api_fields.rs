@@ -1,0 +1,183 @@
+//! Fields at the validation boundary: what OpenAI defines and the server does not implement gets a
+//! 400 naming it (never a 200 that ignored it), unknown extra fields are ignored as OpenAI ignores
+//! them, integral floats are integers (as JSON Schema reads them), fractions are checked before they
+//! are narrowed to f32, and the context is the least of positions, KV cache and `--max-model-len`.
+
+mod api_common;
+
+use api_common::*;
+use serde_json::{json, Value};
+
+fn chat(extra: Value) -> Value {
+    let mut body = json!({"model": MODEL, "max_tokens": 2, "temperature": 0,
+                          "messages": [{"role": "user", "content": "Hi"}]});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn completion(extra: Value) -> Value {
+    let mut body = json!({"model": MODEL, "max_tokens": 2, "temperature": 0, "prompt": "Hi"});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+async fn refused(t: &TestServer, path: &str, body: Value, field: &str) {
+    let (status, answer) = post(t, path, &body).await;
+    assert_eq!(status, 400, "{field}: {answer}");
+    assert_eq!(answer["error"]["type"], "invalid_request_error", "{answer}");
+    assert_eq!(answer["error"]["param"], field, "{answer}");
+}
+
+async fn accepted(t: &TestServer, path: &str, body: Value) {
+    let (status, answer) = post(t, path, &body).await;
+    assert_eq!(status, 200, "{body}: {answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_fields_are_refused_by_name_and_unknown_ones_ignored() {
+    let t = start(options()).await;
+    let chats = "/v1/chat/completions";
+    let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    for (field, value) in [
+        ("tools", tool),
+        ("tool_choice", json!("required")),
+        ("parallel_tool_calls", json!(true)),
+        ("functions", json!([{"name": "f"}])),
+        ("function_call", json!("auto")),
+        ("audio", json!({"voice": "alloy", "format": "wav"})),
+        ("modalities", json!(["text", "audio"])),
+        ("prediction", json!({"type": "content", "content": "x"})),
+        ("web_search_options", json!({})),
+        ("reasoning_effort", json!("low")),
+        ("response_format", json!({"type": "json_object"})),
+        ("best_of", json!(3)),
+    ] {
+        refused(&t, chats, chat(json!({ field: value })), field).await;
+    }
+    // `null`, or the value that asks for what the server does anyway, is fine.
+    for extra in [
+        json!({"tools": null, "tool_choice": "none", "response_format": {"type": "text"}}),
+        json!({"best_of": 1}),
+        json!({"n": 2, "best_of": 2, "temperature": 1}),
+        // Unknown fields are ignored, as OpenAI ignores them.
+        json!({"metadata": {"a": "b"}, "store": false, "some_future_field": [1, 2]}),
+    ] {
+        accepted(&t, chats, chat(extra)).await;
+    }
+    let completions = "/v1/completions";
+    refused(&t, completions, completion(json!({"echo": true})), "echo").await;
+    refused(
+        &t,
+        completions,
+        completion(json!({"suffix": "!"})),
+        "suffix",
+    )
+    .await;
+    refused(
+        &t,
+        completions,
+        completion(json!({"best_of": 2})),
+        "best_of",
+    )
+    .await;
+    accepted(
+        &t,
+        completions,
+        completion(json!({"echo": false, "suffix": null})),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_are_read_as_json_schema_reads_them() {
+    let t = start(options()).await;
+    let path = "/v1/chat/completions";
+    // Integral floats are integers.
+    let (status, answer) = post(&t, path, &chat(json!({"n": 2.0, "max_tokens": 3.0}))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(answer["usage"]["completion_tokens"], 6);
+    refused(&t, path, chat(json!({"n": 2.5})), "n").await;
+    refused(&t, path, chat(json!({"top_k": 1.5})), "top_k").await;
+    // One f64 ulp past a bound is outside it, though it rounds onto the bound in f32.
+    let past_two = f64::from_bits(2f64.to_bits() + 1);
+    assert_eq!(past_two as f32, 2.0);
+    refused(
+        &t,
+        path,
+        chat(json!({"temperature": past_two})),
+        "temperature",
+    )
+    .await;
+    accepted(&t, path, chat(json!({"temperature": 2.0}))).await;
+    let past_minus_two = f64::from_bits((-2f64).to_bits() + 1);
+    assert_eq!(past_minus_two as f32, -2.0);
+    refused(
+        &t,
+        path,
+        chat(json!({"presence_penalty": past_minus_two})),
+        "presence_penalty",
+    )
+    .await;
+    let (status, answer) = post(&t, path, &chat(json!({"temperature": -1e308}))).await;
+    assert_eq!(status, 400);
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("-1e308"), "the value as sent: {message}");
+    // Stop sequences are bounded in characters, as `maxLength` counts them.
+    accepted(&t, path, chat(json!({"stop": ["é".repeat(1024)]}))).await;
+    refused(&t, path, chat(json!({"stop": ["é".repeat(1025)]})), "stop").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_context_is_the_least_of_positions_cache_and_max_model_len() {
+    // 400 blocks of 16 = 6,400 cache tokens, 4,096 positions: positions decide.
+    let t = start(options()).await;
+    let (_, models) = get_json(&t, "/v1/models").await;
+    assert_eq!(models["data"][0]["max_model_len"], 4096);
+    drop(t);
+    // A cache of 2,048 tokens decides, for the API's check as for the engine's: without
+    // `max_tokens` a request gets the rest of the cache, not of the positions.
+    let mut opts = options();
+    opts.engine.num_kv_blocks = Some(128);
+    let t = start(opts).await;
+    let (_, models) = get_json(&t, "/v1/models").await;
+    assert_eq!(models["data"][0]["max_model_len"], 2048);
+    let (status, answer) = post(
+        &t,
+        "/v1/chat/completions",
+        &chat(json!({"max_tokens": 2100})),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context of 2048 tokens"),
+        "{answer}"
+    );
+    drop(t);
+    let mut opts = options();
+    opts.engine.max_model_len = Some(100);
+    let t = start(opts).await;
+    let (status, answer) = post(&t, "/v1/chat/completions", &chat(json!({"max_tokens": 99}))).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["param"], "max_tokens");
+    let (status, answer) = post(&t, "/v1/chat/completions", &chat(json!({"max_tokens": 80}))).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+async fn get_json(t: &TestServer, path: &str) -> (u16, Value) {
+    let r = t
+        .client
+        .get(format!("{}{path}", t.base))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
