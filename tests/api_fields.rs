@@ -127,6 +127,47 @@ async fn numbers_are_read_as_json_schema_reads_them() {
     assert_eq!(status, 400);
     let message = answer["error"]["message"].as_str().unwrap();
     assert!(message.contains("-1e308"), "the value as sent: {message}");
+    // Each budget field is checked, though `max_completion_tokens` wins when both are sent.
+    refused(
+        &t,
+        path,
+        chat(json!({"max_tokens": 0, "max_completion_tokens": 2})),
+        "max_tokens",
+    )
+    .await;
+    // Past 64 bits an integer cannot be told from its rounding: out of range, not rounded in.
+    let body = r#"{"model":"tiny-llava","seed":-9223372036854775809,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let r = t
+        .client
+        .post(format!("{}{path}", t.base))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Token ids in their one decimal spelling, as the document's pattern states them.
+    accepted(&t, path, chat(json!({"logit_bias": {"7": 1}}))).await;
+    refused(
+        &t,
+        path,
+        chat(json!({"logit_bias": {"07": 1}})),
+        "logit_bias",
+    )
+    .await;
+    refused(
+        &t,
+        path,
+        chat(json!({"logit_bias": {"+7": 1}})),
+        "logit_bias",
+    )
+    .await;
+    // A content part's type is its name; serde would take a variant index for it.
+    let numbered = json!({"messages": [{"role": "user", "content": [{"type": 0, "text": "Hi"}]}]});
+    refused(&t, path, chat(numbered), "messages[0].content").await;
+    let detail = json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri("scene_336x336.png"), "detail": "ultra"}}]}]});
+    refused(&t, path, chat(detail), "messages[0].content").await;
     // Stop sequences are bounded in characters, as `maxLength` counts them.
     accepted(&t, path, chat(json!({"stop": ["é".repeat(1024)]}))).await;
     refused(&t, path, chat(json!({"stop": ["é".repeat(1025)]})), "stop").await;

@@ -12,6 +12,7 @@ pub mod generation;
 pub mod listener;
 pub mod misc;
 pub mod openapi;
+pub mod request_schemas;
 pub mod server;
 pub mod sse;
 pub mod state;
@@ -22,7 +23,6 @@ pub mod wire;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 use state::SharedState;
@@ -31,6 +31,7 @@ use state::SharedState;
 pub fn router(state: SharedState) -> Router {
     telemetry::recorder(&state.config.served_model_name);
     let max_body = state.config.max_body_bytes;
+    let served_model_name = state.config.served_model_name.clone();
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
@@ -43,5 +44,6 @@ pub fn router(state: SharedState) -> Router {
             auth::require_api_key,
         ))
         .with_state(state);
-    api.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi()))
+    let document = openapi::served_document(&served_model_name);
+    api.merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", document))
 }

@@ -16,8 +16,7 @@ use super::wire::*;
         super::misc::prometheus,
     ),
     components(schemas(
-        ChatCompletionRequest, CompletionRequest, SamplingFields, StreamOptions, StopField, LogprobsField,
-        ChatMessage, MessageContent, ContentPart, ImageUrl, PromptInput,
+        ChatCompletionRequest, CompletionRequest,
         ChatCompletionResponse, ChatChoice, AssistantMessage, ChatCompletionChunk, ChatChunkChoice, ChatDelta,
         ChatLogprobs, TokenLogprobWire, TopLogprobWire, UsageWire, PromptTokensDetails,
         CompletionResponse, CompletionChoice, CompletionLogprobs, ModelList, ModelCard, ErrorResponse, ErrorObject,
@@ -39,9 +38,52 @@ impl Modify for BearerAuth {
     }
 }
 
+/// The document as `/openapi.json` serves it: derived from the handlers and response types, with
+/// the request bodies' exact schemas (`request_schemas`) in place of the derived ones.
+pub fn openapi_document() -> serde_json::Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serialises");
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["ChatCompletionRequest"] = super::request_schemas::chat_request();
+    schemas["CompletionRequest"] = super::request_schemas::completion_request();
+    // A stream is described one server-sent event at a time, as SSE clients (and schema checkers)
+    // read it: a chunk as JSON in `data`, or the closing `[DONE]`.
+    for (path, chunk) in [
+        ("/v1/chat/completions", "ChatCompletionChunk"),
+        ("/v1/completions", "CompletionResponse"),
+    ] {
+        let event = format!("{chunk}Event");
+        doc["components"]["schemas"][&event] = serde_json::json!({
+            "type": "object",
+            "required": ["data"],
+            "description": format!("One server-sent event: a `{chunk}` as JSON in `data`, or `[DONE]` last."),
+            "properties": {
+                "data": {"oneOf": [
+                    {"const": "[DONE]"},
+                    {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": {"$ref": format!("#/components/schemas/{chunk}")}}
+                ]}
+            }
+        });
+        doc["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"] =
+            serde_json::json!({"$ref": format!("#/components/schemas/{event}")});
+    }
+    doc
+}
+
+/// The document a running server serves: the checked-in one, with `model` narrowed to the served
+/// model's name (any other is a 404), so schema-driven clients generate requests that can succeed.
+pub fn served_document(served_model_name: &str) -> serde_json::Value {
+    let mut doc = openapi_document();
+    for request in ["ChatCompletionRequest", "CompletionRequest"] {
+        doc["components"]["schemas"][request]["properties"]["model"] = serde_json::json!({
+            "enum": [served_model_name],
+            "description": "The served model's name; any other is a 404."
+        });
+    }
+    doc
+}
+
 /// The document as `print-openapi` writes it (and as `openapi/openapi.json` holds it).
 pub fn openapi_json() -> String {
-    ApiDoc::openapi()
-        .to_pretty_json()
-        .expect("the document serialises")
+    serde_json::to_string_pretty(&openapi_document()).expect("the document serialises")
 }

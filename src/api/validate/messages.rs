@@ -43,13 +43,23 @@ pub(super) fn chat_messages(
             Some(MessageContent::Parts(parts)) => parts
                 .iter()
                 .map(|p| match p {
-                    ContentPart::Text { text } => MessagePart::Text(text.clone()),
+                    ContentPart::Text { text } => Ok(MessagePart::Text(text.clone())),
                     ContentPart::ImageUrl { image_url } => {
+                        if let Some(detail) = &image_url.detail {
+                            if !super::IMAGE_DETAILS.contains(&detail.as_str()) {
+                                return Err(ApiError::InvalidRequest {
+                                    message: format!(
+                                        "messages[{i}]: image detail {detail:?} is not one of auto, low, high"
+                                    ),
+                                    param: Some(format!("messages[{i}].content")),
+                                });
+                            }
+                        }
                         urls.push(image_url.url.clone());
-                        MessagePart::Image
+                        Ok(MessagePart::Image)
                     }
                 })
-                .collect(),
+                .collect::<Result<_, ApiError>>()?,
         };
         if role != Role::User && parts.contains(&MessagePart::Image) {
             return Err(ApiError::InvalidRequest {

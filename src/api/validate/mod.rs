@@ -14,7 +14,9 @@ use super::wire::{ChatCompletionRequest, CompletionRequest, PromptInput, Samplin
 use crate::frontend::{ChatMessage, MessagePart};
 use crate::types::{ContextLimit, SamplingParams};
 
-pub use sampling::{MAX_N, MAX_STOP_CHARS, MAX_TOP_LOGPROBS};
+pub use sampling::{
+    FRACTION_BOUNDS, MAX_LOGIT_BIAS, MAX_N, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS,
+};
 
 /// What a request is checked against: the served model's sizes and the server's limits.
 #[derive(Debug, Clone)]
@@ -54,6 +56,10 @@ pub struct ValidCompletion {
     pub prompt: String,
     pub generation: ValidGeneration,
 }
+
+/// The image `detail` values OpenAI defines; all mean the same here (LLaVA-1.5 sees every image at
+/// one resolution).
+pub const IMAGE_DETAILS: [&str; 3] = ["auto", "low", "high"];
 
 /// Fields OpenAI's chat API defines that this server does not implement. Sent with any value but
 /// `null` (or the value that asks for what the server does anyway), they get a 400 naming them:
@@ -150,7 +156,8 @@ fn refuse_unsupported(
         "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
         "tool_choice" => value.as_str() == Some("none"),
         "echo" => value.as_bool() == Some(false),
-        "best_of" => value.as_u64() == Some(u64::from(n.unwrap_or(1))),
+        // Compared as a number, so `2.0` is `2` here as everywhere.
+        "best_of" => value.as_f64() == Some(f64::from(n.unwrap_or(1))),
         _ => false,
     };
     let always = ["tool_choice", "best_of"];

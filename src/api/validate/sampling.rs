@@ -8,6 +8,20 @@ use crate::types::SamplingParams;
 pub const MAX_N: u32 = 16;
 /// Most alternatives per token in logprobs (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Most stop sequences per request (OpenAI's limit).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Largest `logit_bias` value, either way (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: f64 = 100.0;
+/// The fraction fields and their inclusive bounds, checked here and stated in the OpenAPI
+/// document from this one table (`top_p` must also be above 0).
+pub const FRACTION_BOUNDS: [(&str, (f64, f64)); 6] = [
+    ("temperature", (0.0, 2.0)),
+    ("top_p", (0.0, 1.0)),
+    ("min_p", (0.0, 1.0)),
+    ("presence_penalty", (-2.0, 2.0)),
+    ("frequency_penalty", (-2.0, 2.0)),
+    ("repetition_penalty", (0.01, 2.0)),
+];
 /// Longest stop sequence, in characters as JSON Schema's `maxLength` counts them: every choice
 /// scans its recent text for each stop after every token.
 pub const MAX_STOP_CHARS: usize = 1024;
@@ -38,15 +52,20 @@ pub(super) fn sampling_params(
     chat: bool,
     vocab_size: usize,
 ) -> Result<(SamplingParams, Option<usize>), ApiError> {
-    check_range("temperature", f.temperature, 0.0, 2.0)?;
-    check_range("top_p", f.top_p, 0.0, 1.0)?;
+    for (name, (lo, hi)) in FRACTION_BOUNDS {
+        let value = match name {
+            "temperature" => f.temperature,
+            "top_p" => f.top_p,
+            "min_p" => f.min_p,
+            "presence_penalty" => f.presence_penalty,
+            "frequency_penalty" => f.frequency_penalty,
+            _ => f.repetition_penalty,
+        };
+        check_range(name, value, lo, hi)?;
+    }
     if f.top_p == Some(0.0) {
         return Err(ApiError::invalid("`top_p` must be greater than 0", "top_p"));
     }
-    check_range("min_p", f.min_p, 0.0, 1.0)?;
-    check_range("presence_penalty", f.presence_penalty, -2.0, 2.0)?;
-    check_range("frequency_penalty", f.frequency_penalty, -2.0, 2.0)?;
-    check_range("repetition_penalty", f.repetition_penalty, 0.01, 2.0)?;
     let n = f.n.unwrap_or(1);
     if !(1..=MAX_N).contains(&n) {
         return Err(ApiError::invalid(
@@ -64,28 +83,26 @@ pub(super) fn sampling_params(
             ))
         }
     };
-    let max_tokens = match (f.max_completion_tokens, f.max_tokens) {
-        (Some(0), _) => {
+    // Each budget field is checked on its own; `max_completion_tokens` (OpenAI's newer name)
+    // wins when both are sent.
+    for (name, value) in [
+        ("max_completion_tokens", f.max_completion_tokens),
+        ("max_tokens", f.max_tokens),
+    ] {
+        if value == Some(0) {
             return Err(ApiError::invalid(
-                "`max_completion_tokens` must be at least 1",
-                "max_completion_tokens",
-            ))
+                format!("`{name}` must be at least 1"),
+                name,
+            ));
         }
-        (None, Some(0)) => {
-            return Err(ApiError::invalid(
-                "`max_tokens` must be at least 1",
-                "max_tokens",
-            ))
-        }
-        (Some(m), _) | (None, Some(m)) => Some(m as usize),
-        (None, None) => None,
-    };
+    }
+    let max_tokens = f.max_completion_tokens.or(f.max_tokens).map(|m| m as usize);
     let stop = match &f.stop {
         None => Vec::new(),
         Some(StopField::One(s)) => vec![s.clone()],
-        Some(StopField::Many(v)) if v.len() > 4 => {
+        Some(StopField::Many(v)) if v.len() > MAX_STOP_SEQUENCES => {
             return Err(ApiError::invalid(
-                "`stop` takes at most 4 sequences",
+                format!("`stop` takes at most {MAX_STOP_SEQUENCES} sequences"),
                 "stop",
             ))
         }
@@ -105,19 +122,23 @@ pub(super) fn sampling_params(
     }
     let mut logit_bias = Vec::new();
     for (token, &bias) in f.logit_bias.iter().flatten() {
+        // Token ids in their one decimal spelling ("7", not "07" or "+7"), as the document's
+        // pattern states them.
         let id: u32 = token
             .parse()
             .ok()
-            .filter(|&id| (id as usize) < vocab_size)
+            .filter(|id: &u32| (*id as usize) < vocab_size && id.to_string() == *token)
             .ok_or_else(|| {
                 ApiError::invalid(
-                    format!("`logit_bias` key {token:?} is not a token id"),
+                    format!("`logit_bias` key {token:?} is not a token id below {vocab_size}"),
                     "logit_bias",
                 )
             })?;
-        if !(-100.0..=100.0).contains(&bias) {
+        if !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&bias) {
             return Err(ApiError::invalid(
-                "`logit_bias` values must be between -100 and 100",
+                format!(
+                    "`logit_bias` values must be between -{MAX_LOGIT_BIAS} and {MAX_LOGIT_BIAS}"
+                ),
                 "logit_bias",
             ));
         }

@@ -19,12 +19,18 @@ where
     } else if let Some(i) = number.as_i64() {
         i.into()
     } else {
+        // A float here is a literal with a fraction or an exponent, or an integer past 64 bits
+        // (serde_json keeps those as f64). Past 2^53 a float no longer says which integer was
+        // sent (-9223372036854775809 reads as -2^63, a valid i64), so such a value is out of
+        // range for every field here rather than rounded into it.
         let f = number.as_f64().unwrap_or(f64::NAN);
-        // 2^100 bounds every integer type used here; beyond it a float is no longer exact anyway.
-        if f.fract() != 0.0 || !f.is_finite() || f.abs() > 2f64.powi(100) {
+        if f.fract() != 0.0 || !f.is_finite() {
             return Err(D::Error::custom(format!(
                 "expected an integer, got {number}"
             )));
+        }
+        if f.abs() >= 2f64.powi(53) {
+            return Err(D::Error::custom(format!("{number} is out of range")));
         }
         f as i128
     };
@@ -62,6 +68,31 @@ mod tests {
             .unwrap_err()
             .contains("out of range"));
         assert!(n(r#"{"n": 1e300}"#).is_err());
+        assert!(n(r#"{"n": 3e0}"#) == Ok(Some(3)));
         assert!(n(r#"{"n": "2"}"#).is_err());
+    }
+}
+
+#[cfg(test)]
+mod seed_tests {
+    #[derive(serde::Deserialize)]
+    struct Seed {
+        #[serde(default, deserialize_with = "super::integer")]
+        seed: Option<i64>,
+    }
+
+    #[test]
+    fn integers_past_64_bits_are_out_of_range_not_rounded_into_it() {
+        let seed = |json: &str| serde_json::from_str::<Seed>(json).map(|s| s.seed);
+        assert_eq!(
+            seed(r#"{"seed": -9223372036854775808}"#).unwrap(),
+            Some(i64::MIN)
+        );
+        assert!(seed(r#"{"seed": -9223372036854775809}"#).is_err());
+        assert!(seed(r#"{"seed": 9223372036854775808}"#).is_err());
+        assert_eq!(
+            seed(r#"{"seed": 9223372036854775807}"#).unwrap(),
+            Some(i64::MAX)
+        );
     }
 }

@@ -88,7 +88,12 @@ pub struct SamplingFields {
 #[serde(untagged)]
 pub enum LogprobsField {
     Flag(bool),
-    Count(u32),
+    Count(#[serde(deserialize_with = "whole_count")] u32),
+}
+
+/// An integer that may come as an integral float (`2.0`), as everywhere else.
+fn whole_count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    integer(deserializer)?.ok_or_else(|| serde::de::Error::custom("expected an integer"))
 }
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -120,10 +125,36 @@ pub enum MessageContent {
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(try_from = "RawContentPart")]
 pub enum ContentPart {
     Text { text: String },
     ImageUrl { image_url: ImageUrl },
+}
+
+/// A content part as sent. serde's own internally tagged enums also take a variant's index for
+/// its name (`"type": 0` would be a text part); the type here must be the name itself.
+#[derive(Deserialize)]
+struct RawContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+    image_url: Option<ImageUrl>,
+}
+
+impl TryFrom<RawContentPart> for ContentPart {
+    type Error = String;
+
+    fn try_from(raw: RawContentPart) -> Result<Self, String> {
+        match (raw.kind.as_str(), raw.text, raw.image_url) {
+            ("text", Some(text), _) => Ok(ContentPart::Text { text }),
+            ("image_url", _, Some(image_url)) => Ok(ContentPart::ImageUrl { image_url }),
+            ("text", None, _) => Err("a text part needs `text`".into()),
+            ("image_url", _, None) => Err("an image part needs `image_url`".into()),
+            (other, _, _) => Err(format!(
+                "content part type {other:?} is not supported (text, image_url)"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]

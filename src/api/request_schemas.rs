@@ -1,0 +1,211 @@
+//! The request bodies' JSON Schemas, exactly as the validator (`api::validate`) accepts them: every
+//! enum, bound and required field, one schema per role and per content part, and the cross-field
+//! rules as `if`/`then`. Written out rather than derived, because a derived schema says only what
+//! serde can parse, which is far more than the server serves; the bounds come from the validator's
+//! own constants. What JSON Schema cannot say (a prompt and `max_tokens` within the context, an
+//! image behind each URL, `best_of` equal to `n`, token ids below the vocabulary size) is in the
+//! descriptions, and schema-driven tests state it in their hooks (`tests/schemathesis/hooks.py`).
+
+use serde_json::{json, Map, Value};
+
+use super::validate::{
+    FRACTION_BOUNDS, IMAGE_DETAILS, MAX_LOGIT_BIAS, MAX_N, MAX_STOP_CHARS, MAX_STOP_SEQUENCES,
+    MAX_TOP_LOGPROBS,
+};
+
+fn nullable(schema: Value) -> Value {
+    json!({"oneOf": [{"type": "null"}, schema]})
+}
+
+fn integer(min: i64, max: i64) -> Value {
+    json!({"type": "integer", "minimum": min, "maximum": max})
+}
+
+/// The fields both endpoints share.
+fn generation_properties(chat: bool) -> Map<String, Value> {
+    let stop = json!({"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS});
+    let mut p = Map::new();
+    p.insert("model".into(), json!({"type": "string", "description": "The served model's name (`GET /v1/models`); any other is a 404."}));
+    p.insert("stream".into(), json!({"type": "boolean"}));
+    p.insert(
+        "stream_options".into(),
+        nullable(
+            json!({"type": "object", "properties": {"include_usage": {"type": "boolean"}},
+                        "description": "Only with `stream: true`."}),
+        ),
+    );
+    p.insert("n".into(), nullable(integer(1, MAX_N.into())));
+    p.insert("seed".into(), nullable(integer(i64::MIN, i64::MAX)));
+    p.insert(
+        "stop".into(),
+        nullable(json!({"oneOf": [stop, {"type": "array", "items": stop, "maxItems": MAX_STOP_SEQUENCES}]})),
+    );
+    let budget = json!({"type": "integer", "minimum": 1, "maximum": u32::MAX,
+        "description": "Prompt plus this must fit the context (`max_model_len` of `GET /v1/models`); left out, the rest of the context."});
+    p.insert("max_tokens".into(), nullable(budget.clone()));
+    p.insert("max_completion_tokens".into(), nullable(budget));
+    for (name, (lo, hi)) in FRACTION_BOUNDS {
+        let schema = if name == "top_p" {
+            json!({"type": "number", "exclusiveMinimum": lo, "maximum": hi})
+        } else {
+            json!({"type": "number", "minimum": lo, "maximum": hi})
+        };
+        p.insert(name.into(), nullable(schema));
+    }
+    p.insert(
+        "top_k".into(),
+        nullable(
+            json!({"type": "integer", "minimum": -1, "maximum": i32::MAX,
+                        "description": "vLLM extension: -1 or 0 disables."}),
+        ),
+    );
+    p.insert(
+        "logit_bias".into(),
+        nullable(json!({
+            "type": "object",
+            "propertyNames": {"pattern": "^(0|[1-9][0-9]{0,9})$"},
+            "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS},
+            "description": "Token id (decimal, below the vocabulary size) → bias."
+        })),
+    );
+    let logprobs = if chat {
+        json!({"type": "boolean"})
+    } else {
+        json!({"oneOf": [{"type": "boolean"}, integer(0, MAX_TOP_LOGPROBS.into())],
+               "description": "The number of alternatives per token (legacy API); `true` is 0."})
+    };
+    p.insert("logprobs".into(), nullable(logprobs));
+    p.insert(
+        "top_logprobs".into(),
+        nullable(integer(0, MAX_TOP_LOGPROBS.into())),
+    );
+    p.insert("ignore_eos".into(), nullable(json!({"type": "boolean"})));
+    p.insert(
+        "cache_salt".into(),
+        nullable(json!({"type": "string", "minLength": 1,
+            "description": "vLLM extension: prefix-cache entries are shared only within one salt."})),
+    );
+    p.insert("user".into(), nullable(json!({"type": "string"})));
+    p.insert(
+        "best_of".into(),
+        nullable(json!({"type": "integer", "minimum": 1, "maximum": MAX_N,
+                        "description": "Supported only equal to `n`."})),
+    );
+    p
+}
+
+/// `stream_options` needs `stream: true`; `top_logprobs` above 0 needs `logprobs`.
+fn generation_rules(chat: bool) -> Value {
+    let logprobs_on = if chat {
+        json!({"const": true})
+    } else {
+        json!({"not": {"enum": [false, null]}})
+    };
+    json!([
+        {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+         "then": {"required": ["stream"], "properties": {"stream": {"const": true}}}},
+        {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+         "then": {"required": ["logprobs"], "properties": {"logprobs": logprobs_on}}}
+    ])
+}
+
+fn unsupported(description: &str) -> Value {
+    json!({"type": "null", "description": description})
+}
+
+fn text_part() -> Value {
+    json!({"type": "object", "required": ["type", "text"],
+           "properties": {"type": {"const": "text"}, "text": {"type": "string"}}})
+}
+
+fn image_part() -> Value {
+    json!({"type": "object", "required": ["type", "image_url"],
+    "properties": {
+        "type": {"const": "image_url"},
+        "image_url": {"type": "object", "required": ["url"], "properties": {
+            "url": {"type": "string", "description": "A `data:image/...;base64,` URI or an http(s) URL of a PNG, JPEG, WebP or GIF."},
+            "detail": nullable(json!({"enum": IMAGE_DETAILS}))
+        }}
+    }})
+}
+
+fn message(roles: &[&str], content: Value, content_required: bool) -> Value {
+    let required: Vec<&str> = if content_required {
+        vec!["role", "content"]
+    } else {
+        vec!["role"]
+    };
+    json!({"type": "object", "required": required, "properties": {
+        "role": {"enum": roles},
+        "content": content,
+        "name": nullable(json!({"type": "string"}))
+    }})
+}
+
+fn messages_schema() -> Value {
+    let text_parts = json!({"type": "array", "items": text_part()});
+    let user_parts = json!({"type": "array", "items": {"oneOf": [text_part(), image_part()]}});
+    json!({
+        "type": "array",
+        "minItems": 1,
+        "description": "Images only in user messages; each becomes the model's image features in the prompt.",
+        "items": {"oneOf": [
+            message(&["system", "developer"], json!({"oneOf": [{"type": "string"}, text_parts]}), true),
+            message(&["user"], json!({"oneOf": [{"type": "string"}, user_parts]}), true),
+            message(&["assistant"], nullable(json!({"oneOf": [{"type": "string"}, text_parts]})), false),
+        ]}
+    })
+}
+
+/// `POST /v1/chat/completions`.
+pub fn chat_request() -> Value {
+    let mut p = generation_properties(true);
+    p.insert("messages".into(), messages_schema());
+    for field in [
+        "tools",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "audio",
+        "modalities",
+        "prediction",
+        "web_search_options",
+        "reasoning_effort",
+    ] {
+        p.insert(
+            field.into(),
+            unsupported("Not supported: any value but null is a 400."),
+        );
+    }
+    p.insert(
+        "tool_choice".into(),
+        nullable(json!({"const": "none", "description": "Tools are not supported: only `none`."})),
+    );
+    p.insert(
+        "response_format".into(),
+        nullable(json!({"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}},
+                        "description": "Only `text`."})),
+    );
+    json!({"type": "object", "required": ["model", "messages"], "properties": p,
+           "allOf": generation_rules(true), "description": "`POST /v1/chat/completions`."})
+}
+
+/// `POST /v1/completions`.
+pub fn completion_request() -> Value {
+    let mut p = generation_properties(false);
+    p.insert(
+        "prompt".into(),
+        json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}],
+               "description": "One text prompt (no template, no images)."}),
+    );
+    p.insert(
+        "echo".into(),
+        nullable(json!({"const": false, "description": "Not supported: only false."})),
+    );
+    p.insert(
+        "suffix".into(),
+        unsupported("Not supported: any value but null is a 400."),
+    );
+    json!({"type": "object", "required": ["model", "prompt"], "properties": p,
+           "allOf": generation_rules(false), "description": "`POST /v1/completions`."})
+}
