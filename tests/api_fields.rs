@@ -222,3 +222,36 @@ async fn get_json(t: &TestServer, path: &str) -> (u16, Value) {
     let status = r.status().as_u16();
     (status, r.json().await.unwrap())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_by_id_and_unknown_routes_answer_with_openai_errors() {
+    let mut opts = options();
+    opts.api.served_model_name = "llava-hf/llava-1.5-7b-hf".into();
+    let t = start(opts).await;
+    let get = |path: &str| t.client.get(format!("{}{path}", t.base)).send();
+    // A hub-style name, slash and all.
+    let r = get("/v1/models/llava-hf/llava-1.5-7b-hf").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let card: Value = r.json().await.unwrap();
+    assert_eq!(card["id"], "llava-hf/llava-1.5-7b-hf");
+    assert_eq!(card["object"], "model");
+    let r = get("/v1/models/gpt-4o").await.unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "not_found_error", "{body}");
+    // No such route.
+    let r = get("/v1/embeddings").await.unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "not_found_error", "{body}");
+    // A route served with another method: 405, `Allow`, and the error object.
+    let r = get("/v1/chat/completions").await.unwrap();
+    assert_eq!(r.status(), 405);
+    let allow = r
+        .headers()
+        .get("allow")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(allow.as_deref(), Some("POST"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+}

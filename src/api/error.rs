@@ -20,6 +20,10 @@ pub enum ApiError {
     Unauthorized,
     #[error("the model `{0}` does not exist")]
     ModelNotFound(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("the request body exceeds {0} bytes")]
     PayloadTooLarge(usize),
     #[error("too many requests are queued; retry later")]
@@ -56,7 +60,8 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -70,6 +75,8 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => ("invalid_request_error", None),
             ApiError::Unauthorized => ("authentication_error", Some("invalid_api_key")),
             ApiError::ModelNotFound(_) => ("not_found_error", Some("model_not_found")),
+            ApiError::NotFound(_) => ("not_found_error", None),
+            ApiError::MethodNotAllowed(_) => ("invalid_request_error", Some("method_not_allowed")),
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", Some("payload_too_large")),
             ApiError::QueueFull => ("rate_limit_error", Some("queue_full")),
             ApiError::Unavailable(_) => ("service_unavailable_error", None),

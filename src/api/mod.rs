@@ -36,8 +36,11 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(misc::models))
+        .route("/v1/models/{*model}", get(misc::model))
         .route("/health", get(misc::health))
         .route("/metrics", get(misc::prometheus))
+        .fallback(misc::unknown_route)
+        .method_not_allowed_fallback(misc::wrong_method)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -12,6 +12,7 @@ use super::wire::*;
         super::chat::chat_completions,
         super::completions::completions,
         super::misc::models,
+        super::misc::model,
         super::misc::health,
         super::misc::prometheus,
     ),
