@@ -101,6 +101,15 @@ pub struct ServeArgs {
     /// dashboards, autoscalers and routers made for vLLM.
     #[arg(long, env = "LLAVA_SERVER_VLLM_METRIC_NAMES")]
     pub vllm_metric_names: bool,
+    /// Origins browsers may call the API from (CORS), comma-separated; `*` allows any (vLLM's
+    /// default).
+    #[arg(
+        long,
+        env = "LLAVA_SERVER_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub allowed_origins: Vec<String>,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "LLAVA_SERVER_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
@@ -261,6 +270,7 @@ impl ServeArgs {
                 prefix_cache_salt_per_api_key: self.prefix_cache_salt_per_api_key,
                 max_running_requests: e.max_num_seqs,
                 vllm_metric_names: self.vllm_metric_names,
+                allowed_origins: self.allowed_origins,
             },
             media: MediaPolicy {
                 allow_private_hosts: self.allow_private_media_hosts,

@@ -255,3 +255,73 @@ async fn models_by_id_and_unknown_routes_answer_with_openai_errors() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_echoed_or_made_and_cors_answers_preflights() {
+    let mut opts = options();
+    opts.api.api_keys = vec!["k".into()];
+    let t = start(opts).await;
+    let url = format!("{}/v1/chat/completions", t.base);
+    let send = |id: Option<&str>| {
+        let mut r = t.client.post(&url).bearer_auth("k").json(&chat(json!({})));
+        if let Some(id) = id {
+            r = r.header("x-request-id", id);
+        }
+        r.send()
+    };
+    let r = send(Some("client-id-42")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "client-id-42");
+    // Made when absent, or when the client's is unusable; errors carry one too.
+    let r = send(None).await.unwrap();
+    let made = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(made.starts_with("req-") && made.len() > 10, "{made}");
+    let r = send(Some(&"x".repeat(500))).await.unwrap();
+    assert!(r.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .starts_with("req-"));
+    let r = t
+        .client
+        .post(&url)
+        .json(&chat(json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().contains_key("x-request-id"));
+    // A browser's preflight is answered without a key (the default origin is `*`).
+    let r = t
+        .client
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    drop(t);
+
+    let mut opts = options();
+    opts.api.allowed_origins = vec!["https://good.example".into()];
+    let t = start(opts).await;
+    let preflight = |origin: &'static str| {
+        t.client
+            .request(reqwest::Method::OPTIONS, format!("{}/v1/models", t.base))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .send()
+    };
+    let r = preflight("https://good.example").await.unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://good.example"
+    );
+    let r = preflight("https://evil.example").await.unwrap();
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
+}

@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::access::TokenCounts;
 use super::body::parse_json;
 use super::error::ApiError;
 use super::generation::{
@@ -37,8 +38,10 @@ use super::wire::{
 pub async fn chat_completions(
     State(state): State<SharedState>,
     client_key: Option<axum::Extension<super::auth::ClientKey>>,
+    counts: Option<axum::Extension<TokenCounts>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let counts = counts.map(|c| c.0).unwrap_or_default();
     let req: ChatCompletionRequest = parse_json(&state, body)?;
     let stream = req.sampling.stream;
     let include_usage = req
@@ -49,9 +52,20 @@ pub async fn chat_completions(
     let key = client_key.as_ref().map(|k| k.0 .0.as_str());
     let prepared = prepare_chat(&state, &req, key).await?;
     if stream {
-        Ok(stream_chat(state, req.model, prepared, include_usage)?)
+        Ok(stream_chat(
+            state,
+            req.model,
+            prepared,
+            include_usage,
+            counts,
+        )?)
     } else {
-        Ok(Json(complete_chat(&state, req.model, prepared).await?).into_response())
+        let response = complete_chat(&state, req.model, prepared).await?;
+        counts.record(
+            response.usage.prompt_tokens,
+            response.usage.completion_tokens,
+        );
+        Ok(Json(response).into_response())
     }
 }
 
@@ -97,6 +111,7 @@ fn stream_chat(
     model: String,
     prepared: super::generation::Prepared,
     include_usage: bool,
+    counts: TokenCounts,
 ) -> Result<Response, ApiError> {
     let params = prepared.params.clone();
     let (stream, in_flight, tokenizer, usage) = submit(&state, prepared)?;
@@ -154,8 +169,9 @@ fn stream_chat(
             Ok(())
         })
         .await?;
+        let usage = super::generation::final_usage(usage, &choices);
+        counts.record(usage.prompt_tokens, usage.completion_tokens);
         if include_usage {
-            let usage = super::generation::final_usage(usage, &choices);
             sink.send_json(&chunk(Vec::new(), Some(usage)))?;
         }
         sink.send_done()

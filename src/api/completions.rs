@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokenizers::Tokenizer;
 
+use super::access::TokenCounts;
 use super::body::parse_json;
 use super::error::ApiError;
 use super::generation::{
@@ -39,8 +40,10 @@ use crate::types::StepLogprobs;
 pub async fn completions(
     State(state): State<SharedState>,
     client_key: Option<axum::Extension<super::auth::ClientKey>>,
+    counts: Option<axum::Extension<TokenCounts>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let counts = counts.map(|c| c.0).unwrap_or_default();
     let req: CompletionRequest = parse_json(&state, body)?;
     let key = client_key.as_ref().map(|k| k.0 .0.as_str());
     let prepared = prepare_completion(&state, &req, key).await?;
@@ -50,11 +53,12 @@ pub async fn completions(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     if req.sampling.stream {
-        return stream_completion(state, req.model, prepared, include_usage);
+        return stream_completion(state, req.model, prepared, include_usage, counts);
     }
     let params = prepared.params.clone();
     let (stream, _in_flight, tokenizer, usage) = submit(&state, prepared)?;
     let done = run_to_completion(stream, tokenizer.clone(), &params, usage).await?;
+    counts.record(done.usage.prompt_tokens, done.usage.completion_tokens);
     let response = CompletionResponse {
         id: new_id("cmpl"),
         object: "text_completion",
@@ -103,6 +107,7 @@ fn stream_completion(
     model: String,
     prepared: Prepared,
     include_usage: bool,
+    counts: TokenCounts,
 ) -> Result<Response, ApiError> {
     let params = prepared.params.clone();
     let (stream, in_flight, tokenizer, usage) = submit(&state, prepared)?;
@@ -135,8 +140,9 @@ fn stream_completion(
             sink.send_json(&chunk(vec![choice], None))
         })
         .await?;
+        let usage = super::generation::final_usage(usage, &choices);
+        counts.record(usage.prompt_tokens, usage.completion_tokens);
         if include_usage {
-            let usage = super::generation::final_usage(usage, &choices);
             sink.send_json(&chunk(Vec::new(), Some(usage)))?;
         }
         sink.send_done()

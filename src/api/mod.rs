@@ -2,6 +2,7 @@
 //! request parsing and validation, SSE framing, auth, the error → HTTP mapping, `/metrics`, the
 //! OpenAPI document and `run-batch`. It orchestrates: frontend for inputs, engine for tokens.
 
+pub mod access;
 pub mod auth;
 pub mod batch;
 pub mod body;
@@ -32,6 +33,7 @@ pub fn router(state: SharedState) -> Router {
     telemetry::recorder(&state.config.served_model_name);
     let max_body = state.config.max_body_bytes;
     let served_model_name = state.config.served_model_name.clone();
+    let allowed_origins = state.config.allowed_origins.clone();
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
@@ -49,4 +51,27 @@ pub fn router(state: SharedState) -> Router {
         .with_state(state);
     let document = openapi::served_document(&served_model_name);
     api.merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", document))
+        .layer(axum::middleware::from_fn(access::request_id_and_access_log))
+        // Outermost, so a browser's preflight is answered before auth asks for a key.
+        .layer(cors(&allowed_origins))
+}
+
+/// CORS as vLLM's `--allowed-origins` sets it: `*` (the default) or a list of origins; any method
+/// and header.
+fn cors(allowed_origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let origin = if allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(
+            allowed_origins
+                .iter()
+                .filter_map(|o| axum::http::HeaderValue::from_str(o).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods(Any)
+        .allow_headers(Any)
+        .expose_headers([access::REQUEST_ID])
 }

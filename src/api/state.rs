@@ -34,6 +34,8 @@ pub struct ApiConfig {
     pub prefix_cache_salt_per_api_key: bool,
     /// Also publish vLLM's names for the main metric families.
     pub vllm_metric_names: bool,
+    /// Origins browsers may call from (CORS); `*` allows any.
+    pub allowed_origins: Vec<String>,
 }
 
 pub struct AppState {

@@ -37,6 +37,7 @@ pub fn options() -> ServeOptions {
             max_concurrent_preparations: 2,
             prefix_cache_salt_per_api_key: false,
             vllm_metric_names: false,
+            allowed_origins: vec!["*".into()],
         },
         media: MediaPolicy::default(),
         engine: EngineConfig {
