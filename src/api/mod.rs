@@ -18,6 +18,7 @@ pub mod server;
 pub mod sse;
 pub mod state;
 pub mod telemetry;
+pub mod tokenize;
 pub mod validate;
 pub mod wire;
 
@@ -39,6 +40,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(misc::models))
         .route("/v1/models/{*model}", get(misc::model))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(misc::health))
         .route("/metrics", get(misc::prometheus))
         .fallback(misc::unknown_route)

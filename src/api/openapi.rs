@@ -13,11 +13,14 @@ use super::wire::*;
         super::completions::completions,
         super::misc::models,
         super::misc::model,
+        super::tokenize::tokenize,
+        super::tokenize::detokenize,
         super::misc::health,
         super::misc::prometheus,
     ),
     components(schemas(
         ChatCompletionRequest, CompletionRequest,
+        TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
         ChatCompletionResponse, ChatChoice, AssistantMessage, ChatCompletionChunk, ChatChunkChoice, ChatDelta,
         ChatLogprobs, TokenLogprobWire, TopLogprobWire, UsageWire, PromptTokensDetails,
         CompletionResponse, CompletionChoice, CompletionLogprobs, ModelList, ModelCard, ErrorResponse, ErrorObject,
@@ -46,6 +49,8 @@ pub fn openapi_document() -> serde_json::Value {
     let schemas = &mut doc["components"]["schemas"];
     schemas["ChatCompletionRequest"] = super::request_schemas::chat_request();
     schemas["CompletionRequest"] = super::request_schemas::completion_request();
+    schemas["TokenizeRequest"] = super::request_schemas::tokenize_request();
+    schemas["DetokenizeRequest"] = super::request_schemas::detokenize_request();
     // A stream is described one server-sent event at a time, as SSE clients (and schema checkers)
     // read it: a chunk as JSON in `data`, or the closing `[DONE]`.
     for (path, chunk) in [
@@ -75,9 +80,19 @@ pub fn openapi_document() -> serde_json::Value {
 /// model's name (any other is a 404), so schema-driven clients generate requests that can succeed.
 pub fn served_document(served_model_name: &str) -> serde_json::Value {
     let mut doc = openapi_document();
-    for request in ["ChatCompletionRequest", "CompletionRequest"] {
+    for (request, optional) in [
+        ("ChatCompletionRequest", false),
+        ("CompletionRequest", false),
+        ("TokenizeRequest", true),
+        ("DetokenizeRequest", true),
+    ] {
+        let names = if optional {
+            serde_json::json!([served_model_name, null])
+        } else {
+            serde_json::json!([served_model_name])
+        };
         doc["components"]["schemas"][request]["properties"]["model"] = serde_json::json!({
-            "enum": [served_model_name],
+            "enum": names,
             "description": "The served model's name; any other is a 404."
         });
     }

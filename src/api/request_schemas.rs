@@ -209,3 +209,45 @@ pub fn completion_request() -> Value {
     json!({"type": "object", "required": ["model", "prompt"], "properties": p,
            "allOf": generation_rules(false), "description": "`POST /v1/completions`."})
 }
+
+/// `POST /tokenize`: a prompt, or messages (exactly one of them).
+pub fn tokenize_request() -> Value {
+    let model =
+        json!({"type": "string", "description": "The served model's name; any other is a 404."});
+    let flag = nullable(json!({"type": "boolean"}));
+    json!({
+        "type": "object",
+        "description": "`POST /tokenize` (vLLM's shape): `prompt`, or chat `messages` with images.",
+        "properties": {
+            "model": nullable(model),
+            "prompt": nullable(json!({"type": "string"})),
+            "messages": nullable(messages_schema()),
+            "add_special_tokens": flag,
+            "add_generation_prompt": flag,
+            "return_token_strs": flag
+        },
+        "oneOf": [
+            {"required": ["prompt"], "properties": {
+                "prompt": {"type": "string"},
+                "messages": {"type": "null"},
+                "add_generation_prompt": {"type": "null", "description": "Messages only."}}},
+            {"required": ["messages"], "properties": {
+                "messages": {"type": "array"},
+                "prompt": {"type": "null"}}}
+        ]
+    })
+}
+
+/// `POST /detokenize`.
+pub fn detokenize_request() -> Value {
+    json!({
+        "type": "object",
+        "required": ["tokens"],
+        "description": "`POST /detokenize` (vLLM's shape).",
+        "properties": {
+            "model": nullable(json!({"type": "string"})),
+            "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": u32::MAX,
+                       "description": "Below the vocabulary size."}}
+        }
+    })
+}

@@ -103,6 +103,15 @@ impl PromptBuilder {
 
     /// The chat template's text for these messages, generation prompt appended.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, FrontendError> {
+        self.render_with(messages, true)
+    }
+
+    /// The chat template's text, with or without the generation prompt (`/tokenize` asks either).
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, FrontendError> {
         let messages: Vec<TemplateMessage> = messages
             .iter()
             .map(|m| TemplateMessage {
@@ -117,19 +126,26 @@ impl PromptBuilder {
                     .collect(),
             })
             .collect();
-        self.template
-            .render(&messages, &self.bos_token, &self.eos_token, true)
+        self.template.render(
+            &messages,
+            &self.bos_token,
+            &self.eos_token,
+            add_generation_prompt,
+        )
     }
 
-    /// Tokenizes rendered text and expands each image token; `images` in placeholder order. Whether
-    /// the prompt fits the context is `types::ContextLimit`'s to say, not the tokenizer's.
-    pub fn tokenize(
+    /// Whether tokenizing `text` adds BOS: not when the template already put it there.
+    pub fn adds_bos(&self, text: &str) -> bool {
+        self.bos_token.is_empty() || !text.starts_with(&self.bos_token)
+    }
+
+    /// Token ids of `text` with each image placeholder expanded to the image's features, and
+    /// where each image sits. `add_special`: whether the tokenizer adds BOS.
+    pub fn expanded_ids(
         &self,
         text: &str,
-        images: Vec<ProcessedImage>,
-    ) -> Result<TokenizedPrompt, FrontendError> {
-        // The template may already start with BOS; the tokenizer must not add a second one.
-        let add_special = self.bos_token.is_empty() || !text.starts_with(&self.bos_token);
+        add_special: bool,
+    ) -> Result<(Vec<u32>, Vec<ImageSpan>), FrontendError> {
         let encoding = self
             .tokenizer
             .encode(text, add_special)
@@ -139,12 +155,6 @@ impl PromptBuilder {
             .iter()
             .filter(|&&t| t == self.image_token_id)
             .count();
-        if placeholders != images.len() {
-            return Err(FrontendError::ImageCountMismatch {
-                placeholders,
-                images: images.len(),
-            });
-        }
         let mut token_ids =
             Vec::with_capacity(compact.len() + placeholders * self.features_per_image);
         let mut image_spans = Vec::with_capacity(placeholders);
@@ -158,6 +168,23 @@ impl PromptBuilder {
             } else {
                 token_ids.push(id);
             }
+        }
+        Ok((token_ids, image_spans))
+    }
+
+    /// Tokenizes rendered text and expands each image token; `images` in placeholder order. Whether
+    /// the prompt fits the context is `types::ContextLimit`'s to say, not the tokenizer's.
+    pub fn tokenize(
+        &self,
+        text: &str,
+        images: Vec<ProcessedImage>,
+    ) -> Result<TokenizedPrompt, FrontendError> {
+        let (token_ids, image_spans) = self.expanded_ids(text, self.adds_bos(text))?;
+        if image_spans.len() != images.len() {
+            return Err(FrontendError::ImageCountMismatch {
+                placeholders: image_spans.len(),
+                images: images.len(),
+            });
         }
         Ok(TokenizedPrompt {
             token_ids,

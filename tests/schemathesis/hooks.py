@@ -97,6 +97,9 @@ def map_body(ctx, body):
         body["best_of"] = body.get("n") or 1
     if "messages" in body:
         _chat(body)
+    tokens = body.get("tokens")
+    if isinstance(tokens, list):
+        body["tokens"] = [t % VOCAB if _valid_int(t, 0, 2**32 - 1) else t for t in tokens]
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         body["prompt"] = _short(prompt, MAX_TEXT_CHARS)
@@ -116,6 +119,7 @@ SEMANTIC_REFUSALS = (
     "exceed the context of",
     "which fills the context of",
     "is not a token id below",
+    "is not below the vocabulary size",
 )
 
 

@@ -10,7 +10,9 @@ mod sampling;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use super::wire::{ChatCompletionRequest, CompletionRequest, PromptInput, SamplingFields};
+use super::wire::{
+    ChatCompletionRequest, CompletionRequest, PromptInput, SamplingFields, TokenizeRequest,
+};
 use crate::frontend::{ChatMessage, MessagePart};
 use crate::types::{ContextLimit, SamplingParams};
 
@@ -128,6 +130,63 @@ pub fn validate_completion(
     let generation = generation(&req.sampling, false, limits, api_key)?;
     fits_at_all(limits, 0, prompt.len(), generation.asked_max_tokens)?;
     Ok(ValidCompletion { prompt, generation })
+}
+
+/// What `/tokenize` tokenizes.
+#[derive(Debug, Clone)]
+pub enum TokenizeInput {
+    Prompt {
+        text: String,
+        add_special_tokens: bool,
+    },
+    Chat {
+        messages: Vec<ChatMessage>,
+        add_generation_prompt: bool,
+        /// `None`: BOS only where the template did not already put it.
+        add_special_tokens: Option<bool>,
+    },
+}
+
+pub fn validate_tokenize(
+    req: &TokenizeRequest,
+    limits: &Limits,
+) -> Result<TokenizeInput, ApiError> {
+    match (&req.prompt, &req.messages) {
+        (Some(text), None) => {
+            if req.add_generation_prompt.is_some() {
+                return Err(ApiError::invalid(
+                    "`add_generation_prompt` applies to `messages` only",
+                    "add_generation_prompt",
+                ));
+            }
+            Ok(TokenizeInput::Prompt {
+                text: text.clone(),
+                add_special_tokens: req.add_special_tokens.unwrap_or(true),
+            })
+        }
+        (None, Some(wire)) => {
+            let (messages, urls) = messages::chat_messages(wire)?;
+            if urls.len() > limits.max_images {
+                return Err(ApiError::invalid(
+                    format!(
+                        "{} images given; at most {} per request",
+                        urls.len(),
+                        limits.max_images
+                    ),
+                    "messages",
+                ));
+            }
+            Ok(TokenizeInput::Chat {
+                messages,
+                add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+                add_special_tokens: req.add_special_tokens,
+            })
+        }
+        _ => Err(ApiError::invalid(
+            "give either `prompt` or `messages`",
+            None,
+        )),
+    }
 }
 
 fn generation(

@@ -3,6 +3,8 @@
 pub mod number;
 pub mod request;
 pub mod response;
+pub mod tokenize;
 
 pub use request::*;
 pub use response::*;
+pub use tokenize::*;
