@@ -325,3 +325,54 @@ async fn request_ids_are_echoed_or_made_and_cors_answers_preflights() {
     let r = preflight("https://evil.example").await.unwrap();
     assert!(!r.headers().contains_key("access-control-allow-origin"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_is_stateless_and_says_so() {
+    let t = start(options()).await;
+    let path = "/v1/responses";
+    let body = |extra: Value| {
+        let mut b = json!({"model": MODEL, "input": "Hi", "max_output_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    for (field, value) in [
+        ("store", json!(true)),
+        ("previous_response_id", json!("resp_123")),
+        ("tools", json!([{"type": "web_search"}])),
+        (
+            "text",
+            json!({"format": {"type": "json_schema", "name": "x", "schema": {}}}),
+        ),
+        ("reasoning", json!({"effort": "low"})),
+        ("background", json!(true)),
+    ] {
+        refused(&t, path, body(json!({ field: value })), field).await;
+    }
+    refused(&t, path, body(json!({"input": []})), "input").await;
+    let misplaced = json!([{"role": "user", "content": [{"type": "output_text", "text": "x"}]}]);
+    refused(
+        &t,
+        path,
+        body(json!({ "input": misplaced })),
+        "input[0].content",
+    )
+    .await;
+    // The harmless values, and a whole answer.
+    let (status, answer) = post(
+        &t,
+        path,
+        &body(
+            json!({"store": false, "tools": [], "text": {"format": {"type": "text"}},
+                     "instructions": "Be brief.", "metadata": {"k": "v"}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["object"], "response");
+    assert_eq!(answer["status"], "incomplete");
+    assert_eq!(answer["usage"]["output_tokens"], 2);
+    assert_eq!(answer["metadata"]["k"], "v");
+    assert_eq!(answer["output"][0]["content"][0]["type"], "output_text");
+}

@@ -112,7 +112,45 @@ def main(binary):
             except openai.BadRequestError as e:
                 assert e.status_code == 400 and "temperature" in str(e), e
 
-        for check in (check_non_streaming, check_streaming, check_image_url, check_errors):
+        responses_input = [{"role": "user", "content": [
+            {"type": "input_image", "image_url": data_uri},
+            {"type": "input_text", "text": "What is in the picture?"},
+        ]}]
+
+        def check_responses_create():
+            # The same prompt as the chat case, so HF's greedy text; 16 tokens end it early, which the
+            # Responses API reports as `incomplete` (max_output_tokens).
+            r = client.responses.create(model=MODEL, input=responses_input, temperature=0, max_output_tokens=16)
+            assert r.output_text == want, r
+            assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens", r
+            assert r.usage.input_tokens == 594 and r.usage.output_tokens == 16, r.usage
+            r = client.responses.create(model=MODEL, input="Hi", instructions="Be brief.", max_output_tokens=4)
+            assert r.usage.output_tokens <= 4 and r.output[0].role == "assistant", r
+            try:
+                client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_1")
+                raise AssertionError("previous_response_id accepted")
+            except openai.BadRequestError as e:
+                assert "previous_response_id" in str(e), e
+
+        def check_responses_stream():
+            with client.responses.stream(model=MODEL, input=responses_input, temperature=0,
+                                         max_output_tokens=16) as stream:
+                kinds, text, last = [], "", None
+                for event in stream:
+                    kinds.append(event.type)
+                    if event.type == "response.output_text.delta":
+                        text += event.delta
+                    last = event
+            assert text == want, text
+            assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                                 "response.content_part.added"], kinds
+            assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                                  "response.output_item.done", "response.incomplete"], kinds
+            assert last.response.output[0].content[0].text == want, last
+            assert last.response.usage.output_tokens == 16, last.response.usage
+
+        for check in (check_non_streaming, check_streaming, check_image_url, check_errors,
+                      check_responses_create, check_responses_stream):
             try:
                 check()
                 passed += 1

@@ -14,6 +14,7 @@ pub mod listener;
 pub mod misc;
 pub mod openapi;
 pub mod request_schemas;
+pub mod responses;
 pub mod server;
 pub mod sse;
 pub mod state;
@@ -38,6 +39,7 @@ pub fn router(state: SharedState) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/responses", post(responses::create_response))
         .route("/v1/models", get(misc::models))
         .route("/v1/models/{*model}", get(misc::model))
         .route("/tokenize", post(tokenize::tokenize))

@@ -11,6 +11,7 @@ use super::wire::*;
     paths(
         super::chat::chat_completions,
         super::completions::completions,
+        super::responses::create_response,
         super::misc::models,
         super::misc::model,
         super::tokenize::tokenize,
@@ -20,7 +21,7 @@ use super::wire::*;
     ),
     components(schemas(
         ChatCompletionRequest, CompletionRequest,
-        TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse,
+        TokenizeRequest, TokenizeResponse, DetokenizeRequest, DetokenizeResponse, ResponsesRequest,
         ChatCompletionResponse, ChatChoice, AssistantMessage, ChatCompletionChunk, ChatChunkChoice, ChatDelta,
         ChatLogprobs, TokenLogprobWire, TopLogprobWire, UsageWire, PromptTokensDetails,
         CompletionResponse, CompletionChoice, CompletionLogprobs, ModelList, ModelCard, ErrorResponse, ErrorObject,
@@ -51,6 +52,15 @@ pub fn openapi_document() -> serde_json::Value {
     schemas["CompletionRequest"] = super::request_schemas::completion_request();
     schemas["TokenizeRequest"] = super::request_schemas::tokenize_request();
     schemas["DetokenizeRequest"] = super::request_schemas::detokenize_request();
+    schemas["ResponsesRequest"] = super::request_schemas::responses_request();
+    schemas["ResponseStreamEvent"] = serde_json::json!({
+        "type": "object",
+        "required": ["event", "data"],
+        "description": "One server-sent event of a streamed response: its type in `event`, the event as JSON in `data`.",
+        "properties": {"event": {"type": "string"}, "data": {"type": "string", "contentMediaType": "application/json"}}
+    });
+    doc["paths"]["/v1/responses"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+        ["schema"] = serde_json::json!({"$ref": "#/components/schemas/ResponseStreamEvent"});
     // A stream is described one server-sent event at a time, as SSE clients (and schema checkers)
     // read it: a chunk as JSON in `data`, or the closing `[DONE]`.
     for (path, chunk) in [
@@ -85,6 +95,7 @@ pub fn served_document(served_model_name: &str) -> serde_json::Value {
         ("CompletionRequest", false),
         ("TokenizeRequest", true),
         ("DetokenizeRequest", true),
+        ("ResponsesRequest", false),
     ] {
         let names = if optional {
             serde_json::json!([served_model_name, null])

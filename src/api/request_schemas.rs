@@ -251,3 +251,117 @@ pub fn detokenize_request() -> Value {
         }
     })
 }
+
+/// `POST /v1/responses`: stateless, text and images in.
+pub fn responses_request() -> Value {
+    let input_text = json!({"type": "object", "required": ["type", "text"],
+        "properties": {"type": {"const": "input_text"}, "text": {"type": "string"}}});
+    let output_text = json!({"type": "object", "required": ["type", "text"],
+        "properties": {"type": {"const": "output_text"}, "text": {"type": "string"}}});
+    let input_image = json!({"type": "object", "required": ["type", "image_url"], "properties": {
+        "type": {"const": "input_image"},
+        "image_url": {"type": "string", "description": "A `data:` URI or an http(s) URL."},
+        "detail": nullable(json!({"enum": IMAGE_DETAILS}))}});
+    let item = |roles: &[&str], parts: Vec<Value>| {
+        json!({"type": "object", "required": ["role", "content"], "properties": {
+            "type": nullable(json!({"const": "message"})),
+            "role": {"enum": roles},
+            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"oneOf": parts}}]}
+        }})
+    };
+    let items = json!({"type": "array", "minItems": 1, "items": {"oneOf": [
+        item(&["system", "developer"], vec![input_text.clone()]),
+        item(&["user"], vec![input_text.clone(), input_image]),
+        item(&["assistant"], vec![output_text, input_text]),
+    ]}});
+    let harmless = |schema: Value, description: &str| {
+        let mut schema = nullable(schema);
+        schema["description"] = json!(description);
+        schema
+    };
+    let mut p = Map::new();
+    p.insert(
+        "model".into(),
+        json!({"type": "string", "description": "The served model's name; any other is a 404."}),
+    );
+    p.insert(
+        "input".into(),
+        json!({"oneOf": [{"type": "string"}, items]}),
+    );
+    p.insert("instructions".into(), nullable(json!({"type": "string"})));
+    p.insert(
+        "max_output_tokens".into(),
+        nullable(json!({"type": "integer", "minimum": 1, "maximum": u32::MAX})),
+    );
+    for (name, (lo, hi)) in FRACTION_BOUNDS {
+        if name == "temperature" {
+            p.insert(
+                name.into(),
+                nullable(json!({"type": "number", "minimum": lo, "maximum": hi})),
+            );
+        }
+        if name == "top_p" {
+            p.insert(
+                name.into(),
+                nullable(json!({"type": "number", "exclusiveMinimum": lo, "maximum": hi})),
+            );
+        }
+    }
+    p.insert("stream".into(), json!({"type": "boolean"}));
+    p.insert("user".into(), nullable(json!({"type": "string"})));
+    p.insert("metadata".into(), nullable(json!({"type": "object"})));
+    p.insert(
+        "store".into(),
+        harmless(json!({"const": false}), "Nothing is stored: only false."),
+    );
+    p.insert(
+        "background".into(),
+        harmless(json!({"const": false}), "Only false."),
+    );
+    p.insert(
+        "tools".into(),
+        harmless(
+            json!({"type": "array", "maxItems": 0}),
+            "Tools are not supported.",
+        ),
+    );
+    p.insert(
+        "include".into(),
+        harmless(json!({"type": "array", "maxItems": 0}), "Not supported."),
+    );
+    p.insert(
+        "tool_choice".into(),
+        harmless(json!({"enum": ["none", "auto"]}), "No tools to call."),
+    );
+    p.insert(
+        "truncation".into(),
+        harmless(json!({"const": "disabled"}), "Only disabled."),
+    );
+    p.insert(
+        "top_logprobs".into(),
+        harmless(json!({"const": 0}), "Not supported."),
+    );
+    p.insert(
+        "text".into(),
+        harmless(
+            json!({"type": "object", "properties": {"format": {"type": "object", "required": ["type"],
+                "properties": {"type": {"const": "text"}}}}}),
+            "Only the `text` format.",
+        ),
+    );
+    for field in [
+        "previous_response_id",
+        "conversation",
+        "prompt",
+        "reasoning",
+        "max_tool_calls",
+        "prompt_cache_key",
+    ] {
+        p.insert(
+            field.into(),
+            unsupported("Not supported: any value but null is a 400."),
+        );
+    }
+    json!({"type": "object", "required": ["model", "input"], "properties": p,
+           "description": "`POST /v1/responses`, stateless."})
+}

@@ -58,12 +58,26 @@ impl SseSink {
         self.send(data)
     }
 
+    /// A named event (`event:` line and JSON data), as the Responses API streams them.
+    pub fn send_named<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StreamEnd> {
+        let data = serde_json::to_string(value).expect("wire types serialise");
+        self.send_event(Some(name), data)
+    }
+
     fn send(&self, data: String) -> Result<(), StreamEnd> {
+        self.send_event(None, data)
+    }
+
+    fn send_event(&self, name: Option<&str>, data: String) -> Result<(), StreamEnd> {
         let bytes = data.len();
         let stream = self.backlog.fetch_add(bytes, Ordering::AcqRel) + bytes;
         let total = TOTAL_BACKLOG.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let event = match name {
+            Some(name) => Event::default().event(name).data(data),
+            None => Event::default().data(data),
+        };
         let frame = Frame {
-            event: Event::default().data(data),
+            event,
             bytes,
             backlog: self.backlog.clone(),
         };

@@ -25,7 +25,7 @@ MAX_NEW_TOKENS = 8
 
 
 def _budget(body):
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(field)
         if _valid_int(value, 1, 2**32 - 1):
             body[field] = min(value, MAX_NEW_TOKENS)
@@ -33,7 +33,10 @@ def _budget(body):
             # Kept a float: the coverage phase sends integral floats as "incorrect types"
             # (see filter_failure), and the case must stay what it was generated as.
             body[field] = float(min(value, MAX_NEW_TOKENS))
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+    if "input" in body:
+        if body.get("max_output_tokens") is None:
+            body["max_output_tokens"] = MAX_NEW_TOKENS
+    elif body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = MAX_NEW_TOKENS
 
 
@@ -77,6 +80,39 @@ def _chat(body):
                     text_left -= len(part["text"])
 
 
+def _responses_input(body):
+    """The Responses API's `input` and `instructions`: short texts, a real image."""
+    if isinstance(body.get("instructions"), str):
+        body["instructions"] = _short(body["instructions"], MAX_TEXT_CHARS // 4)
+    items = body.get("input")
+    if isinstance(items, str):
+        body["input"] = _short(items, MAX_TEXT_CHARS)
+    if not isinstance(items, list):
+        return
+    text_left, images_left = MAX_TEXT_CHARS, MAX_IMAGES
+    for item in items:
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, str):
+            item["content"] = _short(content, text_left)
+            text_left -= len(item["content"])
+        elif isinstance(content, list):
+            for i, part in enumerate(content):
+                if not isinstance(part, dict):
+                    continue
+                kind = part.get("type")
+                if kind == "input_image" and isinstance(part.get("image_url"), str) and part.get(
+                    "detail"
+                ) in (None, "auto", "low", "high"):
+                    if images_left > 0:
+                        part["image_url"] = IMAGE
+                        images_left -= 1
+                    else:
+                        content[i] = {"type": "input_text", "text": ""}
+                elif kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
+                    part["text"] = _short(part["text"], text_left)
+                    text_left -= len(part["text"])
+
+
 def _valid_int(value, low, high):
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
@@ -100,6 +136,7 @@ def map_body(ctx, body):
     tokens = body.get("tokens")
     if isinstance(tokens, list):
         body["tokens"] = [t % VOCAB if _valid_int(t, 0, 2**32 - 1) else t for t in tokens]
+    _responses_input(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         body["prompt"] = _short(prompt, MAX_TEXT_CHARS)
@@ -108,7 +145,7 @@ def map_body(ctx, body):
     return body
 
 
-INTEGER_FIELDS = {"n", "seed", "max_tokens", "max_completion_tokens", "top_k", "top_logprobs", "best_of", "logprobs"}
+INTEGER_FIELDS = {"n", "seed", "max_tokens", "max_completion_tokens", "max_output_tokens", "top_k", "top_logprobs", "best_of", "logprobs"}
 
 
 # Refusals of rules JSON Schema cannot state, each named in the document's descriptions. A schema-
@@ -120,6 +157,10 @@ SEMANTIC_REFUSALS = (
     "which fills the context of",
     "is not a token id below",
     "is not below the vocabulary size",
+    # An image behind each URL: the hooks put one there, but not every case passes through them.
+    "invalid image URL",
+    "image URL",
+    "invalid data URI",
 )
 
 

@@ -239,6 +239,60 @@ fn refuse_unsupported(
     Ok(())
 }
 
+/// Responses API fields of features this stateless, text-only server does not serve. Their
+/// harmless values pass: `store` false, empty `tools` and `include`, `tool_choice` `none` or
+/// `auto` (no tools to call), `text.format` `text`, `truncation` `disabled`, `background` false.
+const REFUSED_RESPONSES_FIELDS: [&str; 14] = [
+    "previous_response_id",
+    "conversation",
+    "prompt",
+    "reasoning",
+    "store",
+    "tools",
+    "tool_choice",
+    "include",
+    "text",
+    "truncation",
+    "background",
+    "max_tool_calls",
+    "top_logprobs",
+    "prompt_cache_key",
+];
+
+pub fn refuse_unsupported_response_fields(other: &Map<String, Value>) -> Result<(), ApiError> {
+    let harmless = |name: &str, value: &Value| match name {
+        "store" | "background" => value.as_bool() == Some(false),
+        "tools" | "include" => value.as_array().is_some_and(Vec::is_empty),
+        "tool_choice" => matches!(value.as_str(), Some("none" | "auto")),
+        "text" => {
+            value.is_object()
+                && value
+                    .get("format")
+                    .is_none_or(|f| f.get("type").and_then(Value::as_str) == Some("text"))
+        }
+        "truncation" => value.as_str() == Some("disabled"),
+        "top_logprobs" => value.as_f64() == Some(0.0),
+        _ => false,
+    };
+    for name in REFUSED_RESPONSES_FIELDS {
+        match other.get(name) {
+            None | Some(Value::Null) => {}
+            Some(value) if harmless(name, value) => {}
+            Some(_) => {
+                let message = match name {
+                    "store" | "previous_response_id" | "conversation" => format!(
+                        "`{name}` is not supported: this server keeps no responses (send the whole conversation as `input`)"
+                    ),
+                    "text" => "`text.format` other than `text` is not supported".to_owned(),
+                    _ => format!("`{name}` is not supported by this server"),
+                };
+                return Err(ApiError::invalid(message, name));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What can be refused from the request alone: the image count, and whether the images and the
 /// least number of tokens the text can become could fit the context at all.
 fn fits_at_all(

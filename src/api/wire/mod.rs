@@ -3,8 +3,10 @@
 pub mod number;
 pub mod request;
 pub mod response;
+pub mod responses;
 pub mod tokenize;
 
 pub use request::*;
 pub use response::*;
+pub use responses::*;
 pub use tokenize::*;
