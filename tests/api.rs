@@ -44,6 +44,10 @@ async fn greedy_chat_matches_hf_and_streaming_matches_whole() {
         want["num_input_ids"].as_u64().unwrap() + 16
     );
     assert_eq!(usage["prompt_tokens_details"]["image_tokens"], 576);
+    // The details break `prompt_tokens` down: 594 = 576 image tokens + 18 of text (HF's counts),
+    // the text also under vLLM-style clients' name for it.
+    assert_eq!(usage["prompt_tokens_details"]["text_tokens"], 18);
+    assert_eq!(usage["prompt_tokens_details"]["prompt_tokens"], 18);
 
     // Streamed: role first, then content deltas, a finish chunk, usage, [DONE].
     let body = image_chat(json!({"stream": true, "stream_options": {"include_usage": true}}));

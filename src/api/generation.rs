@@ -168,11 +168,15 @@ pub fn submit(
 ) -> Result<(RequestStream, InFlight, Arc<Tokenizer>, UsageWire), ApiError> {
     let model = state.served()?;
     let guard = prepared.in_flight;
+    let prompt_tokens = prepared.prompt.token_ids.len();
+    let image_tokens: usize = prepared.prompt.image_spans.iter().map(|s| s.len).sum();
     let usage = UsageWire {
-        prompt_tokens: prepared.prompt.token_ids.len(),
+        prompt_tokens,
         prompt_tokens_details: PromptTokensDetails {
             cached_tokens: 0,
-            image_tokens: prepared.prompt.image_spans.iter().map(|s| s.len).sum(),
+            image_tokens,
+            text_tokens: prompt_tokens - image_tokens,
+            prompt_tokens: prompt_tokens - image_tokens,
         },
         ..UsageWire::default()
     };

@@ -95,6 +95,11 @@ pub struct PromptTokensDetails {
     pub cached_tokens: usize,
     /// Prompt tokens that stand for image features.
     pub image_tokens: usize,
+    /// Prompt tokens of text: `prompt_tokens` less `image_tokens`.
+    pub text_tokens: usize,
+    /// The same text count under the name vLLM-style clients read it (guidellm takes this as the
+    /// text part and adds `image_tokens` to it; without it, it counts image tokens twice).
+    pub prompt_tokens: usize,
 }
 
 /// `text_completion` (also used for its streaming chunks).
