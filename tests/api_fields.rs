@@ -69,7 +69,7 @@ async fn unsupported_fields_are_refused_by_name_and_unknown_ones_ignored() {
         accepted(&t, chats, chat(extra)).await;
     }
     let completions = "/v1/completions";
-    refused(&t, completions, completion(json!({"echo": true})), "echo").await;
+    refused(&t, completions, completion(json!({"echo": "yes"})), "echo").await;
     refused(
         &t,
         completions,

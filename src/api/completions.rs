@@ -1,4 +1,6 @@
-//! `POST /v1/completions`: a text prompt (no template, no images), whole or streamed.
+//! `POST /v1/completions`: text or token-id prompts (no template, no images), one or a list, each
+//! with `n` choices (choice `i` of prompt `p` is index `p × n + i`, as OpenAI numbers them), whole
+//! or streamed, the prompt's text first with `echo`.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -10,13 +12,15 @@ use super::access::TokenCounts;
 use super::body::parse_json;
 use super::error::ApiError;
 use super::generation::{
-    finish_reason_str, prepare_completion, pump_events, run_to_completion, submit, token_text,
-    Prepared,
+    final_usage, finish_reason_str, prepare_completion, pump_events, run_to_completion, submit,
+    token_text, Prepared,
 };
-use super::sse::{sse_response, SseSink};
+use super::sse::{sse_response, SseSink, StreamEnd};
 use super::state::{new_id, unix_now, SharedState};
+use super::validate::{validate_completion, CompletionPrompt};
 use super::wire::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ErrorResponse,
+    UsageWire,
 };
 use crate::types::StepLogprobs;
 
@@ -45,42 +49,148 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let counts = counts.map(|c| c.0).unwrap_or_default();
     let req: CompletionRequest = parse_json(&state, body)?;
+    state.check_model(&req.model)?;
+    let model = state.served()?;
     let key = client_key.as_ref().map(|k| k.0 .0.as_str());
-    let prepared = prepare_completion(&state, &req, key).await?;
+    let valid = validate_completion(&req, &state.limits(model), key)?;
+    let echoes: Vec<String> = if valid.echo {
+        let tokenizer = model.builder.tokenizer();
+        valid
+            .prompts
+            .iter()
+            .map(|p| match p {
+                CompletionPrompt::Text(text) => Ok(text.clone()),
+                CompletionPrompt::Ids(ids) => tokenizer.decode(ids, false).map_err(|e| {
+                    ApiError::invalid(format!("cannot decode the prompt: {e}"), "prompt")
+                }),
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        vec![String::new(); valid.prompts.len()]
+    };
+    let mut prepared = Vec::with_capacity(valid.prompts.len());
+    for prompt in &valid.prompts {
+        prepared.push(prepare_completion(&state, prompt, &valid.generation).await?);
+    }
+    let reply = Reply {
+        id: new_id("cmpl"),
+        created: unix_now(),
+        model: req.model.clone(),
+        fingerprint: state.system_fingerprint.clone(),
+    };
+    if valid.echo_only {
+        return Ok(Json(echo_only(&reply, &prepared, &echoes, &counts)).into_response());
+    }
     let include_usage = req
         .sampling
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
     if req.sampling.stream {
-        return stream_completion(state, req.model, prepared, include_usage, counts);
+        return stream_completion(state, reply, prepared, echoes, include_usage, counts);
     }
-    let params = prepared.params.clone();
-    let (stream, _in_flight, tokenizer, usage) = submit(&state, prepared)?;
-    let done = run_to_completion(stream, tokenizer.clone(), &params, usage).await?;
-    counts.record(done.usage.prompt_tokens, done.usage.completion_tokens);
-    let response = CompletionResponse {
-        id: new_id("cmpl"),
-        object: "text_completion",
-        created: unix_now(),
-        model: req.model,
-        system_fingerprint: state.system_fingerprint.clone(),
-        choices: done
-            .texts
-            .into_iter()
-            .zip(done.finishes)
-            .zip(done.logprobs)
-            .enumerate()
-            .map(|(index, ((text, finish), lp))| CompletionChoice {
-                index,
-                text,
+    let params = prepared[0].params.clone();
+    let n = params.n;
+    let mut runs = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        let (stream, in_flight, tokenizer, usage) = submit(&state, p)?;
+        let params = &params;
+        runs.push(async move {
+            let _in_flight = in_flight;
+            let done = run_to_completion(stream, tokenizer.clone(), params, usage).await;
+            (done, tokenizer)
+        });
+    }
+    let mut choices = Vec::new();
+    let mut usage = UsageWire::default();
+    for (p, (done, tokenizer)) in futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let done = done?;
+        add_usage(&mut usage, &done.usage);
+        let lines = done.texts.into_iter().zip(done.finishes).zip(done.logprobs);
+        for (i, ((text, finish), lp)) in lines.enumerate() {
+            choices.push(CompletionChoice {
+                index: p * n + i,
+                text: format!("{}{text}", echoes[p]),
                 logprobs: params.logprobs.map(|_| legacy_logprobs(&tokenizer, &lp)),
                 finish_reason: Some(finish_reason_str(finish)),
-            })
-            .collect(),
-        usage: Some(done.usage),
-    };
-    Ok(Json(response).into_response())
+            });
+        }
+    }
+    counts.record(usage.prompt_tokens, usage.completion_tokens);
+    Ok(Json(reply.response(choices, Some(usage))).into_response())
+}
+
+/// What every answer (and chunk) of one request repeats.
+#[derive(Clone)]
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+}
+
+impl Reply {
+    fn response(
+        &self,
+        choices: Vec<CompletionChoice>,
+        usage: Option<UsageWire>,
+    ) -> CompletionResponse {
+        CompletionResponse {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.fingerprint.clone(),
+            choices,
+            usage,
+        }
+    }
+}
+
+/// Sums another prompt's usage into a request's.
+fn add_usage(total: &mut UsageWire, one: &UsageWire) {
+    total.prompt_tokens += one.prompt_tokens;
+    total.completion_tokens += one.completion_tokens;
+    total.total_tokens += one.total_tokens;
+    let (t, o) = (&mut total.prompt_tokens_details, &one.prompt_tokens_details);
+    t.cached_tokens += o.cached_tokens;
+    t.image_tokens += o.image_tokens;
+    t.text_tokens += o.text_tokens;
+    t.prompt_tokens += o.prompt_tokens;
+}
+
+/// `echo` with `max_tokens: 0`: the prompts themselves (how evaluation harnesses ask for them),
+/// nothing generated; each prompt's tokens are counted.
+fn echo_only(
+    reply: &Reply,
+    prepared: &[Prepared],
+    echoes: &[String],
+    counts: &TokenCounts,
+) -> CompletionResponse {
+    let mut usage = UsageWire::default();
+    let mut choices = Vec::new();
+    for (p, prepared) in prepared.iter().enumerate() {
+        let tokens = prepared.prompt.token_ids.len();
+        usage.prompt_tokens += tokens;
+        usage.total_tokens += tokens;
+        usage.prompt_tokens_details.text_tokens += tokens;
+        usage.prompt_tokens_details.prompt_tokens += tokens;
+        let n = prepared.params.n;
+        for i in 0..n {
+            choices.push(CompletionChoice {
+                index: p * n + i,
+                text: echoes[p].clone(),
+                logprobs: None,
+                finish_reason: Some("length"),
+            });
+        }
+    }
+    counts.record(usage.prompt_tokens, 0);
+    reply.response(choices, Some(usage))
 }
 
 fn legacy_logprobs(tokenizer: &Tokenizer, steps: &[StepLogprobs]) -> CompletionLogprobs {
@@ -104,46 +214,56 @@ fn legacy_logprobs(tokenizer: &Tokenizer, steps: &[StepLogprobs]) -> CompletionL
 
 fn stream_completion(
     state: SharedState,
-    model: String,
-    prepared: Prepared,
+    reply: Reply,
+    prepared: Vec<Prepared>,
+    echoes: Vec<String>,
     include_usage: bool,
     counts: TokenCounts,
 ) -> Result<Response, ApiError> {
-    let params = prepared.params.clone();
-    let (stream, in_flight, tokenizer, usage) = submit(&state, prepared)?;
-    let id = new_id("cmpl");
-    let created = unix_now();
-    let fingerprint = state.system_fingerprint.clone();
-    let chunk = move |choices: Vec<CompletionChoice>, usage| CompletionResponse {
-        id: id.clone(),
-        object: "text_completion",
-        created,
-        model: model.clone(),
-        system_fingerprint: fingerprint.clone(),
-        choices,
-        usage,
-    };
+    let params = prepared[0].params.clone();
+    let n = params.n;
+    let mut submitted = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        submitted.push(submit(&state, p)?);
+    }
     Ok(sse_response(move |sink: SseSink| async move {
-        let _in_flight = in_flight;
-        let choices = pump_events(stream, &sink, tokenizer.clone(), &params, |index, delta| {
-            if delta.text.is_empty() && delta.finish.is_none() {
-                return Ok(());
-            }
-            let choice = CompletionChoice {
-                index,
-                text: delta.text,
-                logprobs: params
-                    .logprobs
-                    .map(|_| legacy_logprobs(&tokenizer, &delta.logprobs)),
-                finish_reason: delta.finish.map(finish_reason_str),
-            };
-            sink.send_json(&chunk(vec![choice], None))
-        })
-        .await?;
-        let usage = super::generation::final_usage(usage, &choices);
+        let mut runs = Vec::with_capacity(submitted.len());
+        for (p, (stream, in_flight, tokenizer, usage)) in submitted.into_iter().enumerate() {
+            let (sink, params, reply, echo) = (&sink, &params, &reply, &echoes[p]);
+            runs.push(async move {
+                let _in_flight = in_flight;
+                let mut echoed = vec![echo.is_empty(); n];
+                let choices = pump_events(stream, sink, tokenizer.clone(), params, |i, delta| {
+                    if delta.text.is_empty() && delta.finish.is_none() && echoed[i] {
+                        return Ok(());
+                    }
+                    let text = if echoed[i] {
+                        delta.text
+                    } else {
+                        echoed[i] = true;
+                        format!("{echo}{}", delta.text)
+                    };
+                    let choice = CompletionChoice {
+                        index: p * n + i,
+                        text,
+                        logprobs: params
+                            .logprobs
+                            .map(|_| legacy_logprobs(&tokenizer, &delta.logprobs)),
+                        finish_reason: delta.finish.map(finish_reason_str),
+                    };
+                    sink.send_json(&reply.response(vec![choice], None))
+                })
+                .await?;
+                Ok::<_, StreamEnd>(final_usage(usage, &choices))
+            });
+        }
+        let mut usage = UsageWire::default();
+        for one in futures_util::future::join_all(runs).await {
+            add_usage(&mut usage, &one?);
+        }
         counts.record(usage.prompt_tokens, usage.completion_tokens);
         if include_usage {
-            sink.send_json(&chunk(Vec::new(), Some(usage)))?;
+            sink.send_json(&reply.response(Vec::new(), Some(usage)))?;
         }
         sink.send_done()
     }))

@@ -10,10 +10,9 @@ use tokenizers::Tokenizer;
 use super::error::ApiError;
 use super::state::{AppState, InFlight, ServedModel, SharedState};
 use super::telemetry::{self, RequestTimer};
-use super::validate::{context_error, validate_chat, validate_completion, ValidGeneration};
+use super::validate::{context_error, validate_chat, CompletionPrompt, ValidGeneration};
 use super::wire::{
-    ChatCompletionRequest, CompletionRequest, PromptTokensDetails, TokenLogprobWire,
-    TopLogprobWire, UsageWire,
+    ChatCompletionRequest, PromptTokensDetails, TokenLogprobWire, TopLogprobWire, UsageWire,
 };
 use crate::engine::RequestStream;
 use crate::frontend::ChoiceText;
@@ -120,23 +119,31 @@ pub async fn prepare_chat(
     finish_preparing(model, prompt, valid.generation, in_flight)
 }
 
-/// Validation and tokenization of a plain text completion request (no images, no template), the
-/// tokenization off the async runtime and only after a length bound that needs none.
+/// Admission and tokenization of one prompt of a validated completion request (no images, no
+/// template), the tokenization off the async runtime.
 pub async fn prepare_completion(
     state: &SharedState,
-    req: &CompletionRequest,
-    client_key: Option<&str>,
+    prompt: &CompletionPrompt,
+    generation: &ValidGeneration,
 ) -> Result<Prepared, ApiError> {
-    state.check_model(&req.model)?;
     let model = state.served()?;
-    let valid = validate_completion(req, &state.limits(model), client_key)?;
     let (in_flight, _preparing) = admit_and_wait(state).await?;
-    let builder = model.builder.clone();
-    let text = valid.prompt;
-    let prompt = tokio::task::spawn_blocking(move || builder.tokenize(&text, Vec::new()))
-        .await
-        .map_err(|e| ApiError::internal(format!("tokenizer worker failed: {e}")))??;
-    finish_preparing(model, prompt, valid.generation, in_flight)
+    let tokenized = match prompt {
+        CompletionPrompt::Ids(ids) => TokenizedPrompt {
+            token_ids: ids.clone(),
+            images: Vec::new(),
+            image_spans: Vec::new(),
+            cache_salt: None,
+        },
+        CompletionPrompt::Text(text) => {
+            let builder = model.builder.clone();
+            let text = text.clone();
+            tokio::task::spawn_blocking(move || builder.tokenize(&text, Vec::new()))
+                .await
+                .map_err(|e| ApiError::internal(format!("tokenizer worker failed: {e}")))??
+        }
+    };
+    finish_preparing(model, tokenized, generation.clone(), in_flight)
 }
 
 /// The tokenized prompt checked against the context, salted and paired with its parameters.

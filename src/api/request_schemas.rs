@@ -9,8 +9,8 @@
 use serde_json::{json, Map, Value};
 
 use super::validate::{
-    FRACTION_BOUNDS, IMAGE_DETAILS, MAX_LOGIT_BIAS, MAX_N, MAX_STOP_CHARS, MAX_STOP_SEQUENCES,
-    MAX_TOP_LOGPROBS,
+    FRACTION_BOUNDS, IMAGE_DETAILS, MAX_LOGIT_BIAS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS,
 };
 
 fn nullable(schema: Value) -> Value {
@@ -193,21 +193,40 @@ pub fn chat_request() -> Value {
 /// `POST /v1/completions`.
 pub fn completion_request() -> Value {
     let mut p = generation_properties(false);
+    let ids = json!({"type": "array", "minItems": 1,
+        "items": {"type": "integer", "minimum": 0, "maximum": u32::MAX, "description": "Below the vocabulary size."}});
     p.insert(
         "prompt".into(),
-        json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}],
-               "description": "One text prompt (no template, no images)."}),
+        json!({"oneOf": [
+                {"type": "string"},
+                ids,
+                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_PROMPTS},
+                {"type": "array", "items": ids, "minItems": 1, "maxItems": MAX_PROMPTS}
+               ],
+               "description": "Text, token ids, or a list of either (no template, no images); each prompt gets `n` choices."}),
     );
-    p.insert(
-        "echo".into(),
-        nullable(json!({"const": false, "description": "Not supported: only false."})),
-    );
+    let budget = json!({"type": "integer", "minimum": 0, "maximum": u32::MAX,
+        "description": "0 only with `echo` (the prompt alone). Prompt plus this must fit the context."});
+    p.insert("max_tokens".into(), nullable(budget.clone()));
+    p.insert("max_completion_tokens".into(), nullable(budget));
+    p.insert("echo".into(), nullable(json!({"type": "boolean", "description": "The prompt's text first; not with `logprobs`."})));
     p.insert(
         "suffix".into(),
         unsupported("Not supported: any value but null is a 400."),
     );
+    let mut rules = generation_rules(false);
+    let zero = |field: &str| json!({"required": [field], "properties": {field: {"const": 0}}});
+    let rules_list = rules.as_array_mut().expect("rules are a list");
+    for field in ["max_tokens", "max_completion_tokens"] {
+        rules_list.push(json!({"if": zero(field),
+            "then": {"required": ["echo"], "properties": {"echo": {"const": true}}}}));
+    }
+    rules_list.push(
+        json!({"if": {"required": ["echo"], "properties": {"echo": {"const": true}}},
+        "then": {"properties": {"logprobs": {"type": "null"}}}}),
+    );
     json!({"type": "object", "required": ["model", "prompt"], "properties": p,
-           "allOf": generation_rules(false), "description": "`POST /v1/completions`."})
+           "allOf": rules, "description": "`POST /v1/completions`."})
 }
 
 /// `POST /tokenize`: a prompt, or messages (exactly one of them).

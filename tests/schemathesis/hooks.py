@@ -133,16 +133,31 @@ def map_body(ctx, body):
         body["best_of"] = body.get("n") or 1
     if "messages" in body:
         _chat(body)
-    tokens = body.get("tokens")
-    if isinstance(tokens, list):
-        body["tokens"] = [t % VOCAB if _valid_int(t, 0, 2**32 - 1) else t for t in tokens]
+    if isinstance(body.get("tokens"), list):
+        body["tokens"] = _token_ids(body["tokens"])
     _responses_input(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        body["prompt"] = _short(prompt, MAX_TEXT_CHARS)
-    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        prompt[0] = _short(prompt[0], MAX_TEXT_CHARS)
+    body["prompt"] = _completion_prompt(body.get("prompt"))
+    if body["prompt"] is None:
+        del body["prompt"]
     return body
+
+
+def _token_ids(ids):
+    """Valid token ids kept valid, below the vocabulary size, and few."""
+    return [t % VOCAB if _valid_int(t, 0, 2**32 - 1) else t for t in ids[:MAX_TEXT_CHARS]]
+
+
+def _completion_prompt(prompt):
+    """A prompt, token ids, or a list of either: short texts, ids below the vocabulary size."""
+    if isinstance(prompt, str):
+        return _short(prompt, MAX_TEXT_CHARS)
+    if not isinstance(prompt, list):
+        return prompt
+    if all(isinstance(p, list) for p in prompt):
+        return [_token_ids(p) for p in prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return [_short(p, MAX_TEXT_CHARS // max(len(prompt), 1)) for p in prompt]
+    return _token_ids(prompt)
 
 
 INTEGER_FIELDS = {"n", "seed", "max_tokens", "max_completion_tokens", "max_output_tokens", "top_k", "top_logprobs", "best_of", "logprobs"}

@@ -52,12 +52,26 @@ pub struct ValidChat {
     pub generation: ValidGeneration,
 }
 
+/// One prompt of a completion request.
+#[derive(Debug, Clone)]
+pub enum CompletionPrompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
 /// A completion request the server can serve, as far as the request alone can tell.
 #[derive(Debug, Clone)]
 pub struct ValidCompletion {
-    pub prompt: String,
+    pub prompts: Vec<CompletionPrompt>,
+    /// Each choice's text starts with its prompt's.
+    pub echo: bool,
+    /// `max_tokens: 0` with `echo`: the prompts come back, nothing is generated.
+    pub echo_only: bool,
     pub generation: ValidGeneration,
 }
+
+/// Most prompts one completion request may list; each gets `n` choices.
+pub const MAX_PROMPTS: usize = 32;
 
 /// The image `detail` values OpenAI defines; all mean the same here (LLaVA-1.5 sees every image at
 /// one resolution).
@@ -80,7 +94,7 @@ const REFUSED_CHAT_FIELDS: [&str; 10] = [
 ];
 
 /// The same for the legacy completions API.
-const REFUSED_COMPLETION_FIELDS: [&str; 2] = ["echo", "suffix"];
+const REFUSED_COMPLETION_FIELDS: [&str; 1] = ["suffix"];
 
 pub fn validate_chat(
     req: &ChatCompletionRequest,
@@ -117,19 +131,79 @@ pub fn validate_completion(
     api_key: Option<&str>,
 ) -> Result<ValidCompletion, ApiError> {
     refuse_unsupported(&req.other, &REFUSED_COMPLETION_FIELDS, req.sampling.n)?;
-    let prompt = match &req.prompt {
-        PromptInput::Text(t) => t.clone(),
-        PromptInput::Many(v) if v.len() == 1 => v[0].clone(),
-        PromptInput::Many(_) => {
-            return Err(ApiError::invalid(
-                "`prompt` must be one string (lists of prompts are not supported)",
-                "prompt",
-            ))
-        }
+    let prompts: Vec<CompletionPrompt> = match &req.prompt {
+        PromptInput::Text(t) => vec![CompletionPrompt::Text(t.clone())],
+        PromptInput::Tokens(ids) => vec![CompletionPrompt::Ids(ids.0.clone())],
+        PromptInput::Texts(v) => v.iter().cloned().map(CompletionPrompt::Text).collect(),
+        PromptInput::TokenLists(v) => v
+            .iter()
+            .map(|ids| CompletionPrompt::Ids(ids.0.clone()))
+            .collect(),
     };
-    let generation = generation(&req.sampling, false, limits, api_key)?;
-    fits_at_all(limits, 0, prompt.len(), generation.asked_max_tokens)?;
-    Ok(ValidCompletion { prompt, generation })
+    if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid(
+            format!("`prompt` takes 1 to {MAX_PROMPTS} prompts"),
+            "prompt",
+        ));
+    }
+    let echo = req.echo.unwrap_or(false);
+    if echo && req.sampling.logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "`echo` with `logprobs` (log-probabilities of the prompt) is not supported",
+            "echo",
+        ));
+    }
+    // `max_tokens: 0` asks for the prompt alone, which only `echo` gives; the other fields are
+    // checked as for a generation.
+    let zero = |v: Option<u32>| v == Some(0);
+    let echo_only =
+        echo && (zero(req.sampling.max_tokens) || zero(req.sampling.max_completion_tokens));
+    let generation = if echo_only {
+        let mut fields = req.sampling.clone();
+        fields.max_tokens = None;
+        fields.max_completion_tokens = None;
+        let mut valid = generation(&fields, false, limits, api_key)?;
+        valid.asked_max_tokens = Some(0);
+        valid
+    } else {
+        generation(&req.sampling, false, limits, api_key)?
+    };
+    for prompt in &prompts {
+        match prompt {
+            CompletionPrompt::Text(text) => {
+                fits_at_all(limits, 0, text.len(), generation.asked_max_tokens)?
+            }
+            CompletionPrompt::Ids(ids) => {
+                if ids.is_empty() {
+                    return Err(ApiError::invalid(
+                        "a token prompt must not be empty",
+                        "prompt",
+                    ));
+                }
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= limits.vocab_size) {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "token id {id} is not below the vocabulary size {}",
+                            limits.vocab_size
+                        ),
+                        "prompt",
+                    ));
+                }
+                limits
+                    .context
+                    .fit(ids.len(), generation.asked_max_tokens)
+                    .map_err(|o| {
+                        context_error(o, &format!("the prompt is {} tokens", ids.len()))
+                    })?;
+            }
+        }
+    }
+    Ok(ValidCompletion {
+        prompts,
+        echo,
+        echo_only,
+        generation,
+    })
 }
 
 /// What `/tokenize` tokenizes.

@@ -27,8 +27,10 @@ pub struct ChatCompletionRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub model: String,
-    /// A text prompt (one string; lists of prompts are not supported).
+    /// A text prompt, token ids, or a list of either (each prompt gets `n` choices).
     pub prompt: PromptInput,
+    /// Put the prompt's text before each choice's (with `max_tokens: 0`, the prompt alone).
+    pub echo: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     /// Every other field, for the validator to refuse the ones OpenAI defines and we do not serve.
@@ -41,8 +43,14 @@ pub struct CompletionRequest {
 #[serde(untagged)]
 pub enum PromptInput {
     Text(String),
-    Many(Vec<String>),
+    Tokens(TokenIds),
+    Texts(Vec<String>),
+    TokenLists(Vec<TokenIds>),
 }
+
+/// Token ids, each an integer as `number::integer` reads one.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct TokenIds(#[serde(deserialize_with = "super::tokenize::token_ids")] pub Vec<u32>);
 
 /// Generation fields shared by both endpoints.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]

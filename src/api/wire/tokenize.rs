@@ -43,7 +43,9 @@ pub struct DetokenizeResponse {
 }
 
 /// Token ids, each an integer as `number::integer` reads one.
-fn token_ids<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+pub(crate) fn token_ids<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<u32>, D::Error> {
     #[derive(Deserialize)]
     struct Id(#[serde(deserialize_with = "integer")] Option<u32>);
     Vec::<Id>::deserialize(deserializer)?
