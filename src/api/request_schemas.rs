@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::validate::{
     FRACTION_BOUNDS, IMAGE_DETAILS, MAX_LOGIT_BIAS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS,
-    MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS,
+    MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, REFUSED_CHAT_FIELDS,
 };
 
 fn nullable(schema: Value) -> Value {
@@ -161,19 +161,13 @@ fn messages_schema() -> Value {
 pub fn chat_request() -> Value {
     let mut p = generation_properties(true);
     p.insert("messages".into(), messages_schema());
-    for field in [
-        "tools",
-        "parallel_tool_calls",
-        "functions",
-        "function_call",
-        "audio",
-        "modalities",
-        "prediction",
-        "web_search_options",
-        "reasoning_effort",
-    ] {
+    // `response_format` takes its one harmless value; the others none but null.
+    for field in REFUSED_CHAT_FIELDS
+        .iter()
+        .filter(|&&f| f != "response_format")
+    {
         p.insert(
-            field.into(),
+            (*field).into(),
             unsupported("Not supported: any value but null is a 400."),
         );
     }

@@ -80,7 +80,7 @@ pub const IMAGE_DETAILS: [&str; 3] = ["auto", "low", "high"];
 /// Fields OpenAI's chat API defines that this server does not implement. Sent with any value but
 /// `null` (or the value that asks for what the server does anyway), they get a 400 naming them:
 /// a client that relies on one must not get a 200 that silently ignored it.
-const REFUSED_CHAT_FIELDS: [&str; 10] = [
+pub const REFUSED_CHAT_FIELDS: [&str; 10] = [
     "tools",
     "parallel_tool_calls",
     "functions",
@@ -240,16 +240,7 @@ pub fn validate_tokenize(
         }
         (None, Some(wire)) => {
             let (messages, urls) = messages::chat_messages(wire)?;
-            if urls.len() > limits.max_images {
-                return Err(ApiError::invalid(
-                    format!(
-                        "{} images given; at most {} per request",
-                        urls.len(),
-                        limits.max_images
-                    ),
-                    "messages",
-                ));
-            }
+            check_image_count(limits, urls.len())?;
             Ok(TokenizeInput::Chat {
                 messages,
                 add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
@@ -375,15 +366,7 @@ fn fits_at_all(
     text_bytes: usize,
     asked: Option<usize>,
 ) -> Result<(), ApiError> {
-    if images > limits.max_images {
-        return Err(ApiError::invalid(
-            format!(
-                "{images} images given; at most {} per request",
-                limits.max_images
-            ),
-            "messages",
-        ));
-    }
+    check_image_count(limits, images)?;
     let per_image = limits.features_per_image;
     let least = images * per_image + text_bytes / limits.max_token_bytes.max(1);
     limits.context.fit(least, asked).map(drop).map_err(|overflow| {
@@ -394,6 +377,19 @@ fn fits_at_all(
         };
         context_error(overflow, &prompt)
     })
+}
+
+fn check_image_count(limits: &Limits, images: usize) -> Result<(), ApiError> {
+    if images > limits.max_images {
+        return Err(ApiError::invalid(
+            format!(
+                "{images} images given; at most {} per request",
+                limits.max_images
+            ),
+            "messages",
+        ));
+    }
+    Ok(())
 }
 
 /// The API's error for a prompt and budget that do not fit, naming the field to change.
