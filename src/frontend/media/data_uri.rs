@@ -6,14 +6,14 @@ use base64::Engine as _;
 
 use super::{MediaError, IMAGE_MEDIA_TYPES};
 
-pub(super) fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+pub fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     let head = text.get(..prefix.len())?;
     head.eq_ignore_ascii_case(prefix)
         .then(|| &text[prefix.len()..])
 }
 
 /// `rest` is everything after `data:`: `<media type>[;param]*[;base64],<payload>`.
-pub(super) fn decode_data_uri(rest: &str, max_bytes: usize) -> Result<Vec<u8>, MediaError> {
+pub fn decode_data_uri(rest: &str, max_bytes: usize) -> Result<Vec<u8>, MediaError> {
     let (header, payload) = rest
         .split_once(',')
         .ok_or_else(|| MediaError::InvalidDataUri("missing ',' before the data".into()))?;

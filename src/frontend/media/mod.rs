@@ -13,7 +13,7 @@ use tokio::io::AsyncReadExt;
 use url::{Host, Url};
 
 mod address;
-mod data_uri;
+pub mod data_uri;
 
 pub use address::is_non_public;
 use address::{AddressGuard, BlockedAddress, GuardedResolver, LookupFailed};
