@@ -4,7 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use llava_server::api::validate::{validate_chat, validate_completion, Limits};
+use llava_server::api::validate::{
+    validate_chat, validate_completion, CompletionPrompt, Limits, MAX_PROMPTS,
+};
 use llava_server::api::wire::{ChatCompletionRequest, CompletionRequest};
 use llava_server::frontend::MessagePart;
 use llava_server::types::ContextLimit;
@@ -50,8 +52,24 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(req) = serde_path_to_error::deserialize::<_, CompletionRequest>(&value) {
         match validate_completion(&req, &limits, api_key) {
             Ok(valid) => {
-                assert!(valid.prompt.len() / limits.max_token_bytes < CONTEXT);
-                check_generation(&valid.generation);
+                assert!((1..=MAX_PROMPTS).contains(&valid.prompts.len()));
+                for prompt in &valid.prompts {
+                    match prompt {
+                        CompletionPrompt::Text(t) => {
+                            assert!(t.len() / limits.max_token_bytes < CONTEXT)
+                        }
+                        CompletionPrompt::Ids(ids) => {
+                            assert!(!ids.is_empty() && ids.len() < CONTEXT);
+                            assert!(ids.iter().all(|&id| id < 32064));
+                        }
+                    }
+                }
+                // Only `echo` asks for nothing to be generated.
+                if valid.echo_only {
+                    assert!(valid.echo && valid.generation.asked_max_tokens == Some(0));
+                } else {
+                    check_generation(&valid.generation);
+                }
             }
             Err(e) => drop(e.to_string()),
         }
