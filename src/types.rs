@@ -62,6 +62,8 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     pub skip_special_tokens: bool,
+    /// Structured outputs: the grammar every choice's tokens must follow.
+    pub constraint: Option<TokenConstraint>,
 }
 
 impl Default for SamplingParams {
@@ -83,8 +85,50 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             skip_special_tokens: true,
+            constraint: None,
         }
     }
+}
+
+/// What a request's output must be (`response_format`, or `text.format` of the Responses API).
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputFormat {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against this schema.
+    JsonSchema(serde_json::Value),
+}
+
+/// A compiled constraint on the tokens a sequence may produce (a grammar). The frontend compiles it;
+/// the engine starts one state per choice and asks it, at each step, which tokens may come next.
+#[derive(Clone)]
+pub struct TokenConstraint(pub std::sync::Arc<dyn ConstraintSource>);
+
+impl std::fmt::Debug for TokenConstraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenConstraint")
+    }
+}
+
+/// Two requests' constraints are equal only when they are the same compiled grammar.
+impl PartialEq for TokenConstraint {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+pub trait ConstraintSource: Send + Sync {
+    /// A fresh state at the start of the output.
+    fn start(&self) -> Box<dyn ConstraintState>;
+}
+
+/// One sequence's place in its grammar.
+pub trait ConstraintState: Send {
+    /// The tokens allowed next, as a bitset: token `t` is bit `t % 32` of word `t / 32`. An error
+    /// means the grammar cannot go on (a fault of the constraint, not of the client).
+    fn allowed_tokens(&mut self) -> Result<Vec<u32>, String>;
+    /// Moves past a sampled token.
+    fn accept(&mut self, token: u32) -> Result<(), String>;
 }
 
 /// Why a sequence stopped.

@@ -116,7 +116,7 @@ pub async fn prepare_chat(
     let prompt = tokio::task::spawn_blocking(move || builder.build(&messages, images))
         .await
         .map_err(|e| ApiError::internal(format!("tokenizer worker failed: {e}")))??;
-    finish_preparing(model, prompt, valid.generation, in_flight)
+    finish_preparing(model, prompt, valid.generation, in_flight).await
 }
 
 /// Admission and tokenization of one prompt of a validated completion request (no images, no
@@ -143,11 +143,12 @@ pub async fn prepare_completion(
                 .map_err(|e| ApiError::internal(format!("tokenizer worker failed: {e}")))??
         }
     };
-    finish_preparing(model, tokenized, generation.clone(), in_flight)
+    finish_preparing(model, tokenized, generation.clone(), in_flight).await
 }
 
-/// The tokenized prompt checked against the context, salted and paired with its parameters.
-fn finish_preparing(
+/// The tokenized prompt checked against the context, salted and paired with its parameters (with
+/// the response format's grammar, compiled off the async runtime unless it is cached).
+async fn finish_preparing(
     model: &ServedModel,
     mut prompt: TokenizedPrompt,
     generation: ValidGeneration,
@@ -161,6 +162,13 @@ fn finish_preparing(
         prompt.token_ids.len(),
     )?;
     prompt.cache_salt = generation.cache_salt;
+    if let Some(format) = generation.output_format {
+        let structured = model.structured.clone();
+        let constraint = tokio::task::spawn_blocking(move || structured.compile(&format))
+            .await
+            .map_err(|e| ApiError::internal(format!("grammar worker failed: {e}")))??;
+        params.constraint = Some(constraint);
+    }
     Ok(Prepared {
         prompt,
         params,

@@ -17,7 +17,7 @@ use super::error::ApiError;
 use super::generation::{final_usage, prepare_chat, pump_events, submit, Prepared};
 use super::sse::{sse_response, SseSink, StreamEnd};
 use super::state::{new_id, unix_now, SharedState};
-use super::validate::refuse_unsupported_response_fields;
+use super::validate::{refuse_unsupported_response_fields, response_format};
 use super::wire::{
     ChatCompletionRequest, ChatMessage, ContentPart, ErrorResponse, ImageUrl, InputContent,
     InputPart, MessageContent, ResponsesInput, ResponsesRequest, SamplingFields, UsageWire,
@@ -66,6 +66,14 @@ pub async fn create_response(
     };
     let item = message_item(&new_id("msg"), "completed", Some(&choice.message.content));
     Ok(Json(meta.object(finish_status(finish), vec![item], Some(&answer.usage))).into_response())
+}
+
+/// `text.format`, when the request sets one.
+fn text_format(req: &ResponsesRequest) -> Option<&Value> {
+    req.other
+        .get("text")
+        .and_then(|t| t.get("format"))
+        .filter(|f| !f.is_null())
 }
 
 /// The Responses input as chat messages: `instructions` first, as a system message.
@@ -120,6 +128,7 @@ fn chat_request(req: &ResponsesRequest) -> Result<ChatCompletionRequest, ApiErro
             temperature: req.temperature,
             top_p: req.top_p,
             user: req.user.clone(),
+            response_format: text_format(req).map(response_format::from_text_format),
             ..SamplingFields::default()
         },
         other: Map::new(),
@@ -176,6 +185,8 @@ struct ResponseMeta {
     top_p: f64,
     user: Option<String>,
     metadata: Map<String, Value>,
+    /// `text.format` as asked, echoed in the response object.
+    text_format: Value,
 }
 
 impl ResponseMeta {
@@ -190,6 +201,9 @@ impl ResponseMeta {
             top_p: req.top_p.unwrap_or(1.0),
             user: req.user.clone(),
             metadata: req.metadata.clone().unwrap_or_default(),
+            text_format: text_format(req)
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "text"})),
         }
     }
 
@@ -211,7 +225,7 @@ impl ResponseMeta {
             "max_output_tokens": self.max_output_tokens, "temperature": self.temperature,
             "top_p": self.top_p, "user": self.user, "metadata": self.metadata,
             "parallel_tool_calls": false, "tool_choice": "none", "tools": [],
-            "text": {"format": {"type": "text"}}, "truncation": "disabled", "store": false,
+            "text": {"format": self.text_format}, "truncation": "disabled", "store": false,
             "previous_response_id": null, "reasoning": null
         })
     }

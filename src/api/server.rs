@@ -13,6 +13,7 @@ use super::state::{ApiConfig, AppState, ServedModel, SharedState};
 use crate::engine::{self, EngineConfig};
 use crate::frontend::media::{MediaFetcher, MediaPolicy};
 use crate::frontend::prompt::eos_token_ids;
+use crate::frontend::structured::StructuredOutputs;
 use crate::frontend::{ImageProcessorConfig, PromptBuilder};
 use crate::model::{load_model, parse_device, parse_dtype, LoadFormat};
 
@@ -51,11 +52,17 @@ pub fn load_served_model(
     let processor = ImageProcessorConfig::from_file(&assets.file("preprocessor_config.json"))?;
     let vocab_size = model.config.text.vocab_size;
     engine_config.eos_token_ids = eos_token_ids(&assets.root);
+    let structured = StructuredOutputs::from_checkpoint(
+        &assets.root,
+        vocab_size,
+        engine_config.eos_token_ids.first().copied().unwrap_or(2),
+    )?;
     let engine = engine::start(model, engine_config)?;
     let max_model_len = engine.context_limit().0;
     Ok(ServedModel {
         engine,
         builder: Arc::new(builder),
+        structured: Arc::new(structured),
         processor: Arc::new(processor),
         max_model_len,
         vocab_size,

@@ -7,12 +7,15 @@ use std::sync::{Arc, OnceLock};
 use super::error::ApiError;
 use crate::engine::EngineHandle;
 use crate::frontend::media::MediaFetcher;
+use crate::frontend::structured::StructuredOutputs;
 use crate::frontend::{ImageProcessorConfig, PromptBuilder};
 
 /// The loaded model and what turns requests into its inputs.
 pub struct ServedModel {
     pub engine: EngineHandle,
     pub builder: Arc<PromptBuilder>,
+    /// Compiles `response_format`s into token constraints (structured outputs).
+    pub structured: Arc<StructuredOutputs>,
     pub processor: Arc<ImageProcessorConfig>,
     pub max_model_len: usize,
     pub vocab_size: usize,

@@ -14,10 +14,11 @@ mod supervision;
 
 use super::handle::StepFaultHook;
 use super::metrics::{add, set, EngineMetrics};
-use super::runner::{BatchEntry, ModelRunner, SamplePlan, StepLogits};
+use super::batch_sampler::BatchSampler;
+use super::runner::{BatchEntry, ModelRunner};
 use super::sampler::SequenceSampler;
 use super::EngineError;
-use crate::scheduler::{Scheduler, SchedulerOutput, SeqId, SeqImage, Sequence};
+use crate::scheduler::{Scheduler, SeqId, SeqImage, Sequence};
 use crate::types::{
     FinishReason, ProcessedImage, SamplingParams, TokenEvent, TokenizedPrompt, Usage,
 };
@@ -55,7 +56,6 @@ struct RequestState {
 struct SeqState {
     request: RequestId,
     index: usize,
-    sampler: SequenceSampler,
     /// Prompt plus `max_tokens`, capped by the context.
     max_len: usize,
 }
@@ -66,6 +66,7 @@ use supervision::StepOutcome;
 pub(super) struct EngineCore {
     pub scheduler: Scheduler,
     pub runner: ModelRunner,
+    sampler: BatchSampler,
     pub metrics: Arc<EngineMetrics>,
     pub eos_token_ids: Vec<u32>,
     pub max_model_len: usize,
@@ -89,6 +90,7 @@ impl EngineCore {
         Self {
             scheduler,
             runner,
+            sampler: BatchSampler::default(),
             metrics,
             eos_token_ids,
             max_model_len,
@@ -161,8 +163,7 @@ impl EngineCore {
         };
         req.unfinished -= 1;
         let done = req.unfinished == 0;
-        self.scheduler.remove(seq);
-        self.seqs.remove(&seq);
+        self.forget_seq(seq);
         if done {
             self.finish_request(id);
         }
@@ -191,12 +192,15 @@ impl EngineCore {
             // Later choices wait for the first one's prompt, then reuse its blocks.
             seq.wait_for = seq_ids.first().copied();
             self.scheduler.add(seq);
+            self.sampler.add(
+                id,
+                SequenceSampler::new(&sub.params, &sub.prompt.token_ids, index),
+            );
             self.seqs.insert(
                 id,
                 SeqState {
                     request: sub.id,
                     index,
-                    sampler: SequenceSampler::new(&sub.params, &sub.prompt.token_ids, index),
                     max_len,
                 },
             );
@@ -232,10 +236,16 @@ impl EngineCore {
     fn finish_request(&mut self, id: RequestId) {
         if let Some(req) = self.requests.remove(&id) {
             for seq in req.seqs {
-                self.scheduler.remove(seq);
-                self.seqs.remove(&seq);
+                self.forget_seq(seq);
             }
         }
+    }
+
+    /// A sequence leaves the scheduler (its blocks return to the pool), the core and the sampler.
+    fn forget_seq(&mut self, seq: SeqId) {
+        self.scheduler.remove(seq);
+        self.seqs.remove(&seq);
+        self.sampler.remove(seq);
     }
 
     /// Requests whose stream was dropped are aborted even before their Abort command arrives.
@@ -287,7 +297,13 @@ impl EngineCore {
                 }
             }
         }
-        let plan = self.sample_plan(&out);
+        let sampling: Vec<SeqId> = out
+            .scheduled
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| s.seq_id)
+            .collect();
+        let plan = self.sampler.plan(&sampling);
         let batch: Vec<BatchEntry<'_>> = out
             .scheduled
             .iter()
@@ -305,7 +321,20 @@ impl EngineCore {
                 }
             })
             .collect();
-        let result = self.runner.execute(&batch, &plan);
+        // Grammar masks are computed while the model runs: they depend only on the tokens so far.
+        let (runner, sampler) = (&mut self.runner, &mut self.sampler);
+        let result = std::thread::scope(|scope| {
+            let masks = sampler
+                .has_constrained(&sampling)
+                .then(|| scope.spawn(|| sampler.prepare_masks(&sampling)));
+            let result = runner.execute(&batch, &plan);
+            if let Some(masks) = masks {
+                if let Err(panic) = masks.join() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+            result
+        });
         drop(batch);
         let step = match result {
             Ok(step) => step,
@@ -313,36 +342,22 @@ impl EngineCore {
         };
 
         let sample_started = Instant::now();
-        let sampling: Vec<SeqId> = out
-            .scheduled
-            .iter()
-            .filter(|s| s.sample)
-            .map(|s| s.seq_id)
-            .collect();
         let mut sampled = Vec::with_capacity(sampling.len());
         let mut logprobs = Vec::with_capacity(sampling.len());
         let mut unsampleable = Vec::new();
-        for (i, id) in sampling.iter().enumerate() {
-            let state = self.seqs.get_mut(id).expect("scheduled");
-            let s = match &step.logits {
-                StepLogits::Rows(rows) => state.sampler.sample(&rows[i]),
-                StepLogits::Tokens(tokens) => Some(state.sampler.record(tokens[i])),
-            };
+        for (id, s) in self.sampler.sample(&sampling, &plan, &step.logits) {
             match s {
-                Some(s) => {
-                    sampled.push((*id, s.token_id));
+                Ok(s) => {
+                    sampled.push((id, s.token_id));
                     logprobs.push(s.logprobs);
                 }
-                None => unsampleable.push(state.request),
+                Err(reason) => unsampleable.push((self.seqs[&id].request, reason)),
             }
         }
-        // A row the model gave no finite logit fails its own request; the rest of the batch goes on.
-        for id in unsampleable {
-            tracing::error!(
-                request = id,
-                "the model produced no finite logit; failing the request"
-            );
-            self.fail_request(id, "the model produced no finite logit");
+        // A row no token could be chosen for fails its own request; the rest of the batch goes on.
+        for (id, reason) in unsampleable {
+            tracing::error!(request = id, reason, "no token could be sampled; failing the request");
+            self.fail_request(id, &reason);
         }
         let sample_micros = sample_started.elapsed().as_micros() as u64;
 
@@ -356,9 +371,10 @@ impl EngineCore {
         let m = &self.metrics;
         add(&m.steps, 1);
         add(&m.fixed_decode_steps, step.fixed_shape as u64);
-        if let StepLogits::Tokens(tokens) = &step.logits {
-            add(&m.tokens_chosen_in_place, tokens.len() as u64);
-        }
+        add(
+            &m.tokens_chosen_in_place,
+            (plan.device.len() - plan.host_rows.len()) as u64,
+        );
         add(&m.schedule_micros, schedule_micros);
         add(&m.prepare_micros, step.prepare_micros);
         add(&m.forward_micros, step.forward_micros);
@@ -372,32 +388,6 @@ impl EngineCore {
         add(&m.image_encode_micros, step.images.encode_micros);
         add(&m.step_micros, step_started.elapsed().as_micros() as u64);
         StepOutcome::Done
-    }
-
-    /// Greedy when every sampling row is; drawn on the device when every row can be (each then takes
-    /// its seed for this step from its own generator); else on the host.
-    fn sample_plan(&mut self, out: &SchedulerOutput) -> SamplePlan {
-        let rows: Vec<SeqId> = out
-            .scheduled
-            .iter()
-            .filter(|s| s.sample)
-            .map(|s| s.seq_id)
-            .collect();
-        let sampler = |id: &SeqId| &self.seqs[id].sampler;
-        if rows.iter().all(|id| sampler(id).is_plain_greedy()) {
-            SamplePlan::Greedy
-        } else if rows.iter().all(|id| sampler(id).runs_on_device()) {
-            SamplePlan::Device(
-                rows.iter()
-                    .map(|id| {
-                        let seq = self.seqs.get_mut(id).expect("scheduled");
-                        seq.sampler.device_params()
-                    })
-                    .collect(),
-            )
-        } else {
-            SamplePlan::Host
-        }
     }
 
     /// Sends a sampled token to its request and finishes the sequence when it should stop.
@@ -441,8 +431,7 @@ impl EngineCore {
         }
         let delivered = req.events.send(Ok(event)).is_ok();
         if finish.is_some() {
-            self.scheduler.remove(id);
-            self.seqs.remove(&id);
+            self.forget_seq(id);
         }
         let req_done = self
             .requests

@@ -4,7 +4,8 @@
 use crate::model::static_decode::{batch_sizes, DecodeOutput, DecodeRow, StaticDecode};
 use crate::model::{KvCache, LlavaModel, ModelError};
 
-use super::runner::{SamplePlan, StepLogits};
+use super::batch_sampler::{SamplePlan, StepLogits};
+use super::runner::host_rows;
 
 /// How decode steps run (`--enforce-eager` picks `Off`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -88,11 +89,7 @@ impl FixedDecode {
         if self.captured && !size.has_graph() {
             return Ok(None);
         }
-        let sampling = match plan {
-            SamplePlan::Device(params) => params.as_slice(),
-            _ => &[],
-        };
-        size.step.upload(rows, sampling)?;
+        size.step.upload(rows, &plan.device)?;
         let owned;
         let output: &DecodeOutput = match size.replay()? {
             Some(out) => out,
@@ -102,10 +99,16 @@ impl FixedDecode {
             }
         };
         let n = rows.len();
-        Ok(Some(match plan {
-            SamplePlan::Greedy => StepLogits::Tokens(output.argmax_rows(n)?),
-            SamplePlan::Device(_) => StepLogits::Tokens(output.drawn_rows(n)?),
-            SamplePlan::Host => StepLogits::Rows(output.logits_rows(n)?),
+        let tokens = if !plan.has_device_rows() {
+            Vec::new()
+        } else if plan.all_greedy() {
+            output.argmax_rows(n)?
+        } else {
+            output.drawn_rows(n)?
+        };
+        Ok(Some(StepLogits {
+            tokens,
+            host: host_rows(&output.logits.narrow(0, 0, n)?, &plan.host_rows)?,
         }))
     }
 }

@@ -1,7 +1,9 @@
 //! The engine: continuous batching of many requests over one model. `handle` is the async edge
 //! (`submit` → stream of token events, drop to abort); `core` is the step loop on its own thread;
-//! `runner` turns scheduler output into model inputs; `sampler` picks tokens.
+//! `runner` turns scheduler output into model inputs; `batch_sampler` decides how each step's rows
+//! get their tokens, and `sampler` picks one sequence's.
 
+pub mod batch_sampler;
 pub mod core;
 pub mod fixed_decode;
 pub mod handle;

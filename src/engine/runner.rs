@@ -7,6 +7,7 @@ use candle_core::Tensor;
 use std::collections::HashMap;
 use std::time::Instant;
 
+use super::batch_sampler::{SamplePlan, StepLogits};
 use super::fixed_decode::{DecodeGraphs, FixedDecode};
 use super::inputs::{image_rows_in_range, pixel_values};
 use crate::model::attention::SequenceStep;
@@ -74,24 +75,6 @@ pub struct ModelRunner {
     fixed_decode: Option<FixedDecode>,
     /// Fixed-shape steps that failed and ran eagerly instead (for rate-limited logging).
     fixed_step_failures: u64,
-}
-
-/// What a step hands the sampler: each sampling sequence's logits, or the tokens already chosen where
-/// the logits are (argmax or Gumbel-max draw), so the `[rows, vocab]` matrix never crosses to the host.
-pub enum StepLogits {
-    Rows(Vec<Vec<f32>>),
-    Tokens(Vec<u32>),
-}
-
-/// How a step's sampling rows get their tokens (decided by the engine core from the samplers).
-#[derive(Debug, Clone, PartialEq)]
-pub enum SamplePlan {
-    /// Every row is plain greedy: the argmax, taken on the device when the model is on a GPU.
-    Greedy,
-    /// Every row can be drawn where the logits are: (temperature, seed) per sampling row.
-    Device(Vec<(f32, u64)>),
-    /// Some row needs the logits on the host (logprobs, penalties, bias, top-k/p, min-p).
-    Host,
 }
 
 /// Output of a step, in batch order.
@@ -262,16 +245,20 @@ impl ModelRunner {
             // Only partial prefills this step: the K/V are what matters, no logits are wanted.
             let rows = Tensor::new(&[0u32], &device)?;
             self.forward(&token_ids, &image_rows, &meta, &rows)?;
-            StepLogits::Rows(Vec::new())
+            StepLogits::default()
         } else {
             let rows = Tensor::new(logits_rows, &device)?;
             let logits = self.forward(&token_ids, &image_rows, &meta, &rows)?;
-            match plan {
-                SamplePlan::Greedy if !device.is_cpu() => {
-                    StepLogits::Tokens(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
-                }
-                SamplePlan::Device(params) => StepLogits::Tokens(sample_rows(&logits, params)?),
-                _ => StepLogits::Rows(logits.to_vec2::<f32>()?),
+            let tokens = if !plan.has_device_rows() {
+                Vec::new()
+            } else if plan.all_greedy() && !device.is_cpu() {
+                logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?
+            } else {
+                sample_rows(&logits, &plan.device)?
+            };
+            StepLogits {
+                tokens,
+                host: host_rows(&logits, &plan.host_rows)?,
             }
         };
         Ok(StepOutput {
@@ -317,6 +304,19 @@ fn decode_rows<'a>(batch: &[BatchEntry<'a>]) -> Option<Vec<DecodeRow<'a>>> {
             })
         })
         .collect()
+}
+
+/// The rows of `[rows, vocab]` logits the host needs, copied alone.
+pub fn host_rows(logits: &Tensor, rows: &[usize]) -> Result<Vec<Vec<f32>>, ModelError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    if rows.len() == logits.dim(0)? {
+        return Ok(logits.to_vec2::<f32>()?);
+    }
+    let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    let index = Tensor::new(index, logits.device())?;
+    Ok(logits.index_select(&index, 0)?.to_vec2::<f32>()?)
 }
 
 fn range(s: &ScheduledSeq) -> (usize, usize) {

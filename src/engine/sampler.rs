@@ -3,6 +3,10 @@
 //! (so a seed gives the same tokens whatever else shares the batch). Log-probabilities are reported
 //! from the model's raw distribution, as vLLM does by default.
 //!
+//! A request with a response format carries a grammar: each of its sequences has its own state in
+//! it, whose mask of allowed tokens (computed by `prepare_mask`, beside the forward pass) removes
+//! every other token before the choice.
+//!
 //! Unfiltered temperature sampling draws by the Gumbel-max trick from one 64-bit seed per step taken
 //! from that generator. The same draw runs on the device (`model::sampling::sample_rows`) when nothing
 //! else needs the logits on the host, so a seeded request gets the same tokens either way.
@@ -10,7 +14,7 @@
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
-use crate::types::{SamplingParams, StepLogprobs, TokenLogprob};
+use crate::types::{ConstraintState, SamplingParams, StepLogprobs, TokenLogprob};
 
 /// Temperatures below this are greedy (as vLLM's sampling epsilon): dividing logits by them would
 /// overflow f32.
@@ -24,6 +28,10 @@ pub struct SequenceSampler {
     output_counts: HashMap<u32, u32>,
     /// Tokens of prompt and output (repetition penalty).
     seen: std::collections::HashSet<u32>,
+    /// Where the output stands in its grammar (structured outputs).
+    constraint: Option<Box<dyn ConstraintState>>,
+    /// The grammar's allowed tokens for the coming step, once `prepare_mask` has run.
+    mask: Option<Result<Vec<u32>, String>>,
 }
 
 /// One sampled token with its log-probabilities when asked for.
@@ -50,10 +58,25 @@ impl SequenceSampler {
             params.temperature = 0.0;
         }
         Self {
+            constraint: params.constraint.as_ref().map(|c| c.0.start()),
             params,
             rng,
             output_counts: HashMap::new(),
             seen,
+            mask: None,
+        }
+    }
+
+    /// A grammar decides which tokens may come next.
+    pub fn is_constrained(&self) -> bool {
+        self.constraint.is_some()
+    }
+
+    /// Computes the grammar's mask for the next token (the slow part of constrained sampling, so the
+    /// engine runs it while the model computes the logits).
+    pub fn prepare_mask(&mut self) {
+        if let Some(constraint) = &mut self.constraint {
+            self.mask = Some(constraint.allowed_tokens());
         }
     }
 
@@ -62,10 +85,11 @@ impl SequenceSampler {
         self.params.temperature <= 0.0 && !self.needs_host_logits()
     }
 
-    /// Logprobs, bias or penalties: the whole row of logits is read or changed on the host.
+    /// Logprobs, bias, penalties or a grammar: the whole row of logits is read or changed on the host.
     fn needs_host_logits(&self) -> bool {
         let p = &self.params;
-        p.logprobs.is_some()
+        self.constraint.is_some()
+            || p.logprobs.is_some()
             || !p.logit_bias.is_empty()
             || p.repetition_penalty != 1.0
             || p.presence_penalty != 0.0
@@ -94,7 +118,8 @@ impl SequenceSampler {
         }
     }
 
-    /// Takes a token chosen elsewhere (on the device, after `device_params`).
+    /// Takes a token chosen elsewhere (on the device, after `device_params`); never a constrained
+    /// sequence's, whose logits always come to the host.
     pub fn record(&mut self, token_id: u32) -> Sampled {
         *self.output_counts.entry(token_id).or_default() += 1;
         Sampled {
@@ -103,13 +128,24 @@ impl SequenceSampler {
         }
     }
 
-    /// `None` when no logit is finite (a numerical fault of the model): no token can be chosen, and
-    /// the caller fails this sequence alone.
-    pub fn sample(&mut self, raw_logits: &[f32]) -> Option<Sampled> {
+    /// An error when no token can be chosen: no logit is finite (a numerical fault of the model), or
+    /// none that the grammar allows is, or the grammar itself failed. The caller fails this sequence
+    /// alone.
+    pub fn sample(&mut self, raw_logits: &[f32]) -> Result<Sampled, String> {
         let mut logits = raw_logits.to_vec();
         self.apply_bias_and_penalties(&mut logits);
-        if !logits.iter().any(|l| l.is_finite()) {
-            return None;
+        if self.constraint.is_some() {
+            if self.mask.is_none() {
+                self.prepare_mask();
+            }
+            let mask = self.mask.take().expect("prepared");
+            let mask = mask.map_err(|e| format!("the response format's grammar failed: {e}"))?;
+            apply_mask(&mut logits, &mask);
+            if !logits.iter().any(|l| l.is_finite()) {
+                return Err("no token the response format allows has a finite logit".into());
+            }
+        } else if !logits.iter().any(|l| l.is_finite()) {
+            return Err("the model produced no finite logit".into());
         }
         let token_id = if self.params.temperature <= 0.0 {
             argmax(&logits)
@@ -128,7 +164,12 @@ impl SequenceSampler {
         if self.params.repetition_penalty != 1.0 {
             self.seen.insert(token_id);
         }
-        Some(Sampled { token_id, logprobs })
+        if let Some(constraint) = &mut self.constraint {
+            constraint
+                .accept(token_id)
+                .map_err(|e| format!("the response format's grammar failed: {e}"))?;
+        }
+        Ok(Sampled { token_id, logprobs })
     }
 
     fn apply_bias_and_penalties(&self, logits: &mut [f32]) {
@@ -155,6 +196,17 @@ impl SequenceSampler {
                     *l -= p.presence_penalty + p.frequency_penalty * count as f32;
                 }
             }
+        }
+    }
+}
+
+/// Removes (sets to -inf) every token whose bit is clear in `allowed` (bit `t % 32` of word `t / 32`),
+/// and every token past its end.
+pub fn apply_mask(logits: &mut [f32], allowed: &[u32]) {
+    for (t, l) in logits.iter_mut().enumerate() {
+        let on = allowed.get(t / 32).is_some_and(|w| w >> (t % 32) & 1 == 1);
+        if !on {
+            *l = f32::NEG_INFINITY;
         }
     }
 }

@@ -226,8 +226,8 @@ fn logits_with_nothing_finite_are_refused_not_a_panic() {
         |p| p.top_p = 0.5,
     ] {
         let mut s = SequenceSampler::new(&params(f), &[], 0);
-        assert!(s.sample(&[f32::NAN; 4]).is_none());
-        assert!(s.sample(&[f32::NEG_INFINITY; 4]).is_none());
+        assert!(s.sample(&[f32::NAN; 4]).is_err());
+        assert!(s.sample(&[f32::NEG_INFINITY; 4]).is_err());
     }
     // An infinite logit among finite ones: the filter keeps a token instead of indexing past its list.
     let probs = filtered_probs(&[f32::INFINITY, 1.0, 0.0], &params(|p| p.top_p = 0.5));

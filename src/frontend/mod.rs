@@ -9,6 +9,7 @@ mod jpeg;
 pub mod media;
 pub mod pil_resize;
 pub mod prompt;
+pub mod structured;
 
 pub use detokenizer::{ChoiceText, IncrementalDetokenizer, TextDelta};
 pub use image_processor::ImageProcessorConfig;
@@ -23,6 +24,9 @@ pub enum FrontendError {
     Image(String),
     #[error("{0}")]
     Template(String),
+    /// A `response_format` schema that cannot be compiled into a grammar.
+    #[error("the response format's schema cannot be used: {0}")]
+    Grammar(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("the prompt has {placeholders} image placeholders but {images} images were given")]

@@ -176,10 +176,6 @@ impl DecodeOutput {
     pub fn drawn_rows(&self, rows: usize) -> Result<Vec<u32>, ModelError> {
         Ok(self.drawn.narrow(0, 0, rows)?.to_vec1::<u32>()?)
     }
-
-    pub fn logits_rows(&self, rows: usize) -> Result<Vec<Vec<f32>>, ModelError> {
-        Ok(self.logits.narrow(0, 0, rows)?.to_vec2::<f32>()?)
-    }
 }
 
 /// Padded batch sizes worth a buffer (and on CUDA a graph) each, up to `max_seqs`: fine steps where

@@ -5,6 +5,7 @@
 //! here to a lower bound of the prompt).
 
 mod messages;
+pub mod response_format;
 mod sampling;
 
 use serde_json::{Map, Value};
@@ -14,7 +15,7 @@ use super::wire::{
     ChatCompletionRequest, CompletionRequest, PromptInput, SamplingFields, TokenizeRequest,
 };
 use crate::frontend::{ChatMessage, MessagePart};
-use crate::types::{ContextLimit, SamplingParams};
+use crate::types::{ContextLimit, OutputFormat, SamplingParams};
 
 pub use sampling::{
     FRACTION_BOUNDS, MAX_LOGIT_BIAS, MAX_N, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS,
@@ -42,6 +43,8 @@ pub struct ValidGeneration {
     pub asked_max_tokens: Option<usize>,
     /// The prefix-cache salt (`cache_salt`, and the API key when keys salt the cache).
     pub cache_salt: Option<[u8; 32]>,
+    /// Structured outputs: compiled into `params.constraint` during preparation.
+    pub output_format: Option<OutputFormat>,
 }
 
 /// A chat request the server can serve, as far as the request alone can tell.
@@ -80,7 +83,7 @@ pub const IMAGE_DETAILS: [&str; 3] = ["auto", "low", "high"];
 /// Fields OpenAI's chat API defines that this server does not implement. Sent with any value but
 /// `null` (or the value that asks for what the server does anyway), they get a 400 naming them:
 /// a client that relies on one must not get a 200 that silently ignored it.
-pub const REFUSED_CHAT_FIELDS: [&str; 10] = [
+pub const REFUSED_CHAT_FIELDS: [&str; 9] = [
     "tools",
     "parallel_tool_calls",
     "functions",
@@ -90,7 +93,6 @@ pub const REFUSED_CHAT_FIELDS: [&str; 10] = [
     "prediction",
     "web_search_options",
     "reasoning_effort",
-    "response_format",
 ];
 
 /// The same for the legacy completions API.
@@ -262,22 +264,23 @@ fn generation(
 ) -> Result<ValidGeneration, ApiError> {
     let (params, asked_max_tokens) = sampling::sampling_params(fields, chat, limits.vocab_size)?;
     let cache_salt = cache_salt(limits, api_key, fields.cache_salt.as_deref())?;
+    let output_format = response_format::response_format(fields.response_format.as_ref())?;
     Ok(ValidGeneration {
         params,
         asked_max_tokens,
         cache_salt,
+        output_format,
     })
 }
 
 /// A 400 for the first refused field the request sets. Values that ask for what the server does
-/// anyway pass: `response_format` `text`, `tool_choice` `none`, `echo` false, `best_of` equal to `n`.
+/// anyway pass: `tool_choice` `none`, `echo` false, `best_of` equal to `n`.
 fn refuse_unsupported(
     other: &Map<String, Value>,
     refused: &[&'static str],
     n: Option<u32>,
 ) -> Result<(), ApiError> {
     let harmless = |name: &str, value: &Value| match name {
-        "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
         "tool_choice" => value.as_str() == Some("none"),
         "echo" => value.as_bool() == Some(false),
         // Compared as a number, so `2.0` is `2` here as everywhere.
@@ -292,9 +295,6 @@ fn refuse_unsupported(
             Some(_) => {
                 let message = match *name {
                     "best_of" => "`best_of` is only supported equal to `n`".to_owned(),
-                    "response_format" => {
-                        "`response_format` other than `text` is not supported".to_owned()
-                    }
                     _ => format!("`{name}` is not supported by this server"),
                 };
                 return Err(ApiError::invalid(message, *name));
@@ -306,7 +306,8 @@ fn refuse_unsupported(
 
 /// Responses API fields of features this stateless, text-only server does not serve. Their
 /// harmless values pass: `store` false, empty `tools` and `include`, `tool_choice` `none` or
-/// `auto` (no tools to call), `text.format` `text`, `truncation` `disabled`, `background` false.
+/// `auto` (no tools to call), `truncation` `disabled`, `background` false; `text` is an object whose
+/// `format` the chat validator reads as `response_format`.
 const REFUSED_RESPONSES_FIELDS: [&str; 14] = [
     "previous_response_id",
     "conversation",
@@ -329,12 +330,8 @@ pub fn refuse_unsupported_response_fields(other: &Map<String, Value>) -> Result<
         "store" | "background" => value.as_bool() == Some(false),
         "tools" | "include" => value.as_array().is_some_and(Vec::is_empty),
         "tool_choice" => matches!(value.as_str(), Some("none" | "auto")),
-        "text" => {
-            value.is_object()
-                && value
-                    .get("format")
-                    .is_none_or(|f| f.get("type").and_then(Value::as_str) == Some("text"))
-        }
+        // Its `format` is read (and checked) as chat's `response_format`.
+        "text" => value.is_object(),
         "truncation" => value.as_str() == Some("disabled"),
         "top_logprobs" => value.as_f64() == Some(0.0),
         _ => false,
@@ -348,7 +345,7 @@ pub fn refuse_unsupported_response_fields(other: &Map<String, Value>) -> Result<
                     "store" | "previous_response_id" | "conversation" => format!(
                         "`{name}` is not supported: this server keeps no responses (send the whole conversation as `input`)"
                     ),
-                    "text" => "`text.format` other than `text` is not supported".to_owned(),
+                    "text" => "`text` must be an object".to_owned(),
                     _ => format!("`{name}` is not supported by this server"),
                 };
                 return Err(ApiError::invalid(message, name));

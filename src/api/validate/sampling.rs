@@ -169,6 +169,7 @@ pub(super) fn sampling_params(
         stop_token_ids: Vec::new(),
         ignore_eos: f.ignore_eos.unwrap_or(false),
         skip_special_tokens: true,
+        constraint: None,
     };
     Ok((params, max_tokens))
 }

@@ -90,6 +90,8 @@ pub struct SamplingFields {
     /// `cached_tokens` cannot reveal what other tenants sent.
     pub cache_salt: Option<String>,
     pub user: Option<String>,
+    /// `text`, `json_object` or `json_schema` (structured outputs), on both endpoints as vLLM.
+    pub response_format: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
