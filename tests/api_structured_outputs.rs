@@ -38,10 +38,16 @@ fn assert_person(text: &str) {
     assert!((0..=120).contains(&o["age"].as_i64().unwrap()), "{text}");
     let pet = o["pet"].as_object().unwrap();
     assert_eq!(pet.len(), 2, "{text}");
-    assert!(["cat", "dog"].contains(&pet["kind"].as_str().unwrap()), "{text}");
+    assert!(
+        ["cat", "dog"].contains(&pet["kind"].as_str().unwrap()),
+        "{text}"
+    );
     assert!((0..=4).contains(&pet["legs"].as_i64().unwrap()), "{text}");
     let tags = o["tags"].as_array().unwrap();
-    assert!(tags.len() <= 3 && tags.iter().all(Value::is_boolean), "{text}");
+    assert!(
+        tags.len() <= 3 && tags.iter().all(Value::is_boolean),
+        "{text}"
+    );
 }
 
 fn person_format() -> Value {
@@ -109,7 +115,10 @@ async fn json_object_and_completions_and_responses_give_json() {
     .await;
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(body["choices"][0]["text"].as_str().unwrap()).unwrap();
-    assert!(v["ok"].is_boolean() && v.as_object().unwrap().len() == 1, "{v}");
+    assert!(
+        v["ok"].is_boolean() && v.as_object().unwrap().len() == 1,
+        "{v}"
+    );
 
     // The Responses API: `text.format` json_schema, echoed in the response object.
     let format = json!({"type": "json_schema", "name": "ok", "schema": schema, "strict": true});
@@ -139,7 +148,8 @@ async fn json_object_and_completions_and_responses_give_json() {
         assert!(content.starts_with('{'), "{content:?}");
         if choice["finish_reason"] == "stop" {
             finished += 1;
-            let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{content:?}: {e}"));
+            let v: Value =
+                serde_json::from_str(content).unwrap_or_else(|e| panic!("{content:?}: {e}"));
             assert!(v.is_object());
         }
     }

@@ -2,8 +2,10 @@
 
 Usage: python tests/openai_client.py path/to/llava-server
 Checks non-streaming, streaming with include_usage, an image by data URI, an image by URL from a local
-HTTP server (allowed with --allow-private-media-hosts), and that errors surface as the client's
-exception types. Expected texts come from HF's references in tests/fixtures/refs/tiny.json.
+HTTP server (allowed with --allow-private-media-hosts), that errors surface as the client's
+exception types, the Responses API, structured outputs (`parse()` with a nested pydantic model,
+`json_object`, and LangChain's `with_structured_output` when langchain-openai is installed),
+`models.retrieve` and `/tokenize` with an image. Expected texts come from HF's references in tests/fixtures/refs/tiny.json.
 """
 
 import base64
@@ -20,6 +22,8 @@ import traceback
 import urllib.request
 
 import openai
+import pydantic
+from typing import Literal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -149,8 +153,68 @@ def main(binary):
             assert last.response.output[0].content[0].text == want, last
             assert last.response.usage.output_tokens == 16, last.response.usage
 
+        class Pet(pydantic.BaseModel):
+            kind: Literal["cat", "dog"]
+            legs: int = pydantic.Field(ge=0, le=4)
+
+        class Person(pydantic.BaseModel):
+            name: str = pydantic.Field(max_length=6)
+            age: int = pydantic.Field(ge=0, le=120)
+            pet: Pet
+            tags: list[bool] = pydantic.Field(max_length=3)
+
+        def check_parse():
+            # Random weights, yet valid instances: the grammar allows nothing else.
+            for kwargs in ({"temperature": 0}, {"temperature": 1.2, "seed": 5, "n": 2}):
+                r = client.chat.completions.parse(model=MODEL, messages=image_message(data_uri),
+                                                  response_format=Person, max_tokens=120, **kwargs)
+                for choice in r.choices:
+                    assert choice.finish_reason == "stop", choice
+                    assert isinstance(choice.message.parsed, Person), choice
+                    assert isinstance(choice.message.parsed.pet, Pet), choice
+            try:
+                client.chat.completions.create(model=MODEL, messages=image_message(data_uri), response_format={
+                    "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+                raise AssertionError("an uncompilable schema accepted")
+            except openai.BadRequestError as e:
+                assert e.status_code == 400 and "response_format" in str(e), e
+
+        def check_json_object():
+            finished = 0
+            for seed in range(8):
+                r = client.chat.completions.create(model=MODEL, messages=image_message(data_uri), seed=seed,
+                                                   response_format={"type": "json_object"}, max_tokens=60)
+                content = r.choices[0].message.content
+                assert content.startswith("{"), content
+                if r.choices[0].finish_reason == "stop":
+                    finished += 1
+                    assert isinstance(json.loads(content), dict), content
+            assert finished > 0, "no json_object answer finished within 60 tokens"
+
+        def check_models_and_tokenize():
+            assert client.models.retrieve(MODEL).id == MODEL
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/tokenize", method="POST", headers={"Content-Type": "application/json"},
+                data=json.dumps({"model": MODEL, "messages": image_message(data_uri)}).encode())
+            with urllib.request.urlopen(request) as r:
+                body = json.load(r)
+            assert body["tokens"] == reference("chat_template")["input_ids"], body["count"]
+            assert body["count"] == 594
+
+        def check_langchain_structured_output():
+            try:
+                from langchain_openai import ChatOpenAI
+            except ImportError:
+                print("skipped check_langchain_structured_output: langchain-openai is not installed")
+                return
+            llm = ChatOpenAI(model=MODEL, base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                             temperature=0, max_tokens=120, max_retries=0)
+            person = llm.with_structured_output(Person).invoke("Describe a person and their pet.")
+            assert isinstance(person, Person) and isinstance(person.pet, Pet), person
+
         for check in (check_non_streaming, check_streaming, check_image_url, check_errors,
-                      check_responses_create, check_responses_stream):
+                      check_responses_create, check_responses_stream, check_parse, check_json_object,
+                      check_models_and_tokenize, check_langchain_structured_output):
             try:
                 check()
                 passed += 1

@@ -66,15 +66,43 @@ fn gumbel(u: f32) -> f32 {
 /// The argmax of `logits / temperature + Gumbel noise`: a draw from softmax(logits / temperature)
 /// (the Gumbel-max trick); the plain argmax when `temperature` is 0. First maximum on ties.
 pub fn gumbel_argmax(logits: &[f32], temperature: f32, seed: u64) -> u32 {
+    if temperature <= 0.0 {
+        return argmax_first(logits);
+    }
+    // The winner scores at least max(logits / T) + GUMBEL_FLOOR, and no token gains more than
+    // GUMBEL_CEILING from its noise: a token whose scaled logit falls short of the best possible by
+    // more than that cannot win, so its noise is never drawn. The result is the same token as
+    // drawing every noise (f32 rounding is monotonic, and both bounds have slack); on real logits,
+    // where most of the vocabulary sits tens of nats below the top, this skips most of the work.
+    let top = logits
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &l| m.max(l / temperature));
+    let floor = top + GUMBEL_FLOOR;
     let mut best = (f32::MIN, 0u32);
     for (i, &l) in logits.iter().enumerate() {
-        let score = if temperature > 0.0 {
-            l / temperature + gumbel(uniform(seed, i as u32))
-        } else {
-            l
-        };
+        let scaled = l / temperature;
+        if i > 0 && scaled + GUMBEL_CEILING < floor.max(best.0) {
+            continue;
+        }
+        let score = scaled + gumbel(uniform(seed, i as u32));
         if score > best.0 || i == 0 {
             best = (score, i as u32);
+        }
+    }
+    best.1
+}
+
+/// Bounds of `gumbel(uniform(..))`: u lies in [2^-24, 1 - 2^-24], so the noise lies in
+/// [-2.812, 16.636]; the constants leave slack for the rounding of `ln`.
+const GUMBEL_CEILING: f32 = 17.0;
+const GUMBEL_FLOOR: f32 = -3.0;
+
+/// Index of the largest value; the first one on ties (and index 0 when nothing compares larger).
+fn argmax_first(logits: &[f32]) -> u32 {
+    let mut best = (f32::MIN, 0u32);
+    for (i, &l) in logits.iter().enumerate() {
+        if l > best.0 || i == 0 {
+            best = (l, i as u32);
         }
     }
     best.1
@@ -142,6 +170,52 @@ pub fn paged_attention(
 
 #[cfg(test)]
 mod tests {
+    /// The draw as it was before pruning: every token's noise drawn.
+    fn gumbel_argmax_unpruned(logits: &[f32], temperature: f32, seed: u64) -> u32 {
+        let mut best = (f32::MIN, 0u32);
+        for (i, &l) in logits.iter().enumerate() {
+            let score = l / temperature + super::gumbel(super::uniform(seed, i as u32));
+            if score > best.0 || i == 0 {
+                best = (score, i as u32);
+            }
+        }
+        best.1
+    }
+
+    #[test]
+    fn noise_bounds_hold_at_the_extreme_uniforms() {
+        let (low, high) = (0.5f32 / 8_388_608.0, (8_388_607.0f32 + 0.5) / 8_388_608.0);
+        assert!(super::gumbel(high) < super::GUMBEL_CEILING && super::gumbel(high) > 16.0);
+        assert!(super::gumbel(low) > super::GUMBEL_FLOOR && super::gumbel(low) < -2.0);
+    }
+
+    #[test]
+    fn pruned_draws_are_the_unpruned_draws() {
+        // Logits spread as a language model's (a few tokens near the top, the rest far below),
+        // flat ones where nothing is pruned, and ones with infinities and NaNs.
+        let spread: Vec<f32> = (0..5000u32)
+            .map(|i| 12.0 - 40.0 * super::uniform(99, i).powi(3))
+            .collect();
+        let flat: Vec<f32> = (0..300u32).map(|i| super::uniform(7, i)).collect();
+        let mut odd = spread[..200].to_vec();
+        odd[3] = f32::NAN;
+        odd[50] = f32::NEG_INFINITY;
+        let mut with_inf = odd.clone();
+        with_inf[120] = f32::INFINITY;
+        for logits in [&spread, &flat, &odd, &with_inf] {
+            for temperature in [0.05f32, 0.7, 1.0, 3.0] {
+                for seed in 0..200u64 {
+                    let seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    assert_eq!(
+                        super::gumbel_argmax(logits, temperature, seed),
+                        gumbel_argmax_unpruned(logits, temperature, seed),
+                        "T={temperature} seed={seed}"
+                    );
+                }
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

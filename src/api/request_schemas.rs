@@ -8,6 +8,7 @@
 
 use serde_json::{json, Map, Value};
 
+use super::validate::response_format::MAX_SCHEMA_NAME;
 use super::validate::{
     FRACTION_BOUNDS, IMAGE_DETAILS, MAX_LOGIT_BIAS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, REFUSED_CHAT_FIELDS,
@@ -86,6 +87,7 @@ fn generation_properties(chat: bool) -> Map<String, Value> {
             "description": "vLLM extension: prefix-cache entries are shared only within one salt."})),
     );
     p.insert("user".into(), nullable(json!({"type": "string"})));
+    p.insert("response_format".into(), nullable(response_format()));
     p.insert(
         "best_of".into(),
         nullable(json!({"type": "integer", "minimum": 1, "maximum": MAX_N,
@@ -107,6 +109,50 @@ fn generation_rules(chat: bool) -> Value {
         {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
          "then": {"required": ["logprobs"], "properties": {"logprobs": logprobs_on}}}
     ])
+}
+
+/// The output formats of structured outputs; `fields` are what a `json_schema` format holds (under
+/// `json_schema` in chat's shape, beside `type` in the Responses API's).
+fn json_schema_fields() -> Map<String, Value> {
+    let mut f = Map::new();
+    f.insert(
+        "name".into(),
+        json!({"type": "string", "pattern": format!("^[a-zA-Z0-9_-]{{1,{MAX_SCHEMA_NAME}}}$")}),
+    );
+    f.insert("description".into(), nullable(json!({"type": "string"})));
+    f.insert("strict".into(), nullable(json!({"type": "boolean"})));
+    f.insert(
+        "schema".into(),
+        json!({"type": "object", "description": "A JSON Schema the answer will be valid for (always enforced, strict or not); one that cannot be compiled into a grammar is a 400."}),
+    );
+    f
+}
+
+fn format_of(kind: &str) -> Value {
+    json!({"type": "object", "required": ["type"], "properties": {"type": {"const": kind}}})
+}
+
+/// `response_format` of chat and completions.
+fn response_format() -> Value {
+    json!({"oneOf": [
+        format_of("text"),
+        format_of("json_object"),
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"const": "json_schema"},
+            "json_schema": {"type": "object", "required": ["name", "schema"], "properties": json_schema_fields()}
+        }}
+    ], "description": "Structured outputs: free text, any JSON object, or JSON valid for a schema; the grammar is enforced at every token."})
+}
+
+/// `text.format` of the Responses API.
+fn text_format() -> Value {
+    let mut fields = json_schema_fields();
+    fields.insert("type".into(), json!({"const": "json_schema"}));
+    json!({"oneOf": [
+        format_of("text"),
+        format_of("json_object"),
+        {"type": "object", "required": ["type", "name", "schema"], "properties": fields}
+    ]})
 }
 
 fn unsupported(description: &str) -> Value {
@@ -161,11 +207,7 @@ fn messages_schema() -> Value {
 pub fn chat_request() -> Value {
     let mut p = generation_properties(true);
     p.insert("messages".into(), messages_schema());
-    // `response_format` takes its one harmless value; the others none but null.
-    for field in REFUSED_CHAT_FIELDS
-        .iter()
-        .filter(|&&f| f != "response_format")
-    {
+    for field in REFUSED_CHAT_FIELDS {
         p.insert(
             (*field).into(),
             unsupported("Not supported: any value but null is a 400."),
@@ -174,11 +216,6 @@ pub fn chat_request() -> Value {
     p.insert(
         "tool_choice".into(),
         nullable(json!({"const": "none", "description": "Tools are not supported: only `none`."})),
-    );
-    p.insert(
-        "response_format".into(),
-        nullable(json!({"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}},
-                        "description": "Only `text`."})),
     );
     json!({"type": "object", "required": ["model", "messages"], "properties": p,
            "allOf": generation_rules(true), "description": "`POST /v1/chat/completions`."})
@@ -356,11 +393,7 @@ pub fn responses_request() -> Value {
     );
     p.insert(
         "text".into(),
-        harmless(
-            json!({"type": "object", "properties": {"format": {"type": "object", "required": ["type"],
-                "properties": {"type": {"const": "text"}}}}}),
-            "Only the `text` format.",
-        ),
+        nullable(json!({"type": "object", "properties": {"format": nullable(text_format())}})),
     );
     for field in [
         "previous_response_id",

@@ -12,9 +12,9 @@ use tokio::sync::mpsc::UnboundedSender;
 #[path = "supervision.rs"]
 mod supervision;
 
+use super::batch_sampler::BatchSampler;
 use super::handle::StepFaultHook;
 use super::metrics::{add, set, EngineMetrics};
-use super::batch_sampler::BatchSampler;
 use super::runner::{BatchEntry, ModelRunner};
 use super::sampler::SequenceSampler;
 use super::EngineError;
@@ -356,7 +356,11 @@ impl EngineCore {
         }
         // A row no token could be chosen for fails its own request; the rest of the batch goes on.
         for (id, reason) in unsampleable {
-            tracing::error!(request = id, reason, "no token could be sampled; failing the request");
+            tracing::error!(
+                request = id,
+                reason,
+                "no token could be sampled; failing the request"
+            );
             self.fail_request(id, &reason);
         }
         let sample_micros = sample_started.elapsed().as_micros() as u64;

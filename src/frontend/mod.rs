@@ -25,7 +25,7 @@ pub enum FrontendError {
     #[error("{0}")]
     Template(String),
     /// A `response_format` schema that cannot be compiled into a grammar.
-    #[error("the response format's schema cannot be used: {0}")]
+    #[error("the JSON schema of `response_format` cannot be compiled into a grammar: {0}")]
     Grammar(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -73,8 +73,8 @@ impl StructuredOutputs {
         let config_error = |e: anyhow::Error| {
             FrontendError::Config(format!("structured outputs cannot use this tokenizer: {e}"))
         };
-        let mut words = llguidance::token_bytes_from_tokenizer_json(tokenizer_json)
-            .map_err(config_error)?;
+        let mut words =
+            llguidance::token_bytes_from_tokenizer_json(tokenizer_json).map_err(config_error)?;
         words.resize(vocab_size, Vec::new());
         let info = TokRxInfo::new(vocab_size as u32, eos);
         let env: TokEnv = Arc::new(VocabularyBytes {

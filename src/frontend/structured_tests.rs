@@ -88,7 +88,11 @@ fn a_schema_allows_exactly_the_tokens_that_can_continue_it() {
 #[test]
 fn json_object_starts_with_a_brace_and_never_allows_padding_ids_or_specials() {
     let outputs = outputs();
-    let mut state = outputs.compile(&OutputFormat::JsonObject).unwrap().0.start();
+    let mut state = outputs
+        .compile(&OutputFormat::JsonObject)
+        .unwrap()
+        .0
+        .start();
     let first = allowed(&mut state);
     assert!(first.contains(&id("{")) && first.contains(&id("{\"")));
     for never in [0, 1, EOS, id("1"), id("a"), id("x"), id("▁"), 15] {
@@ -133,7 +137,9 @@ fn a_schema_that_cannot_compile_names_the_problem() {
 fn the_same_schema_is_compiled_once() {
     let outputs = outputs();
     let schema = json!({"type": "array", "items": {"type": "integer"}});
-    let first = outputs.compile(&OutputFormat::JsonSchema(schema.clone())).unwrap();
+    let first = outputs
+        .compile(&OutputFormat::JsonSchema(schema.clone()))
+        .unwrap();
     let again = outputs.compile(&OutputFormat::JsonSchema(schema)).unwrap();
     let other = outputs.compile(&OutputFormat::JsonObject).unwrap();
     assert_eq!(first, again);

@@ -3,7 +3,8 @@
 The OpenAPI document is exact for everything a schema can express (api/request_schemas.rs). What
 it cannot express, a valid request must still meet, and these hooks make each generated body meet
 it before it is sent: a real image behind each image URL, a prompt and `max_tokens` within the
-context, token ids below the vocabulary size, and `best_of` equal to `n`.
+context, token ids below the vocabulary size, `best_of` equal to `n`, and a response format's JSON
+Schema one that compiles (the document can only say it is an object).
 Budgets are kept small (a few tokens, short texts) so a run spends its time on validation, not on
 generating text with the tiny model.
 """
@@ -113,6 +114,23 @@ def _responses_input(body):
                     text_left -= len(part["text"])
 
 
+# Any object is a schema to the document; the server compiles it into a grammar and refuses one
+# that does not compile. A small schema that does stands in for the generated one.
+COMPILABLE_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+
+
+def _response_formats(body):
+    formats = [body.get("response_format")]
+    if isinstance(body.get("text"), dict):
+        formats.append(body["text"].get("format"))
+    for fmt in formats:
+        if not isinstance(fmt, dict):
+            continue
+        holder = fmt.get("json_schema") if "json_schema" in fmt else fmt
+        if isinstance(holder, dict) and isinstance(holder.get("schema"), dict):
+            holder["schema"] = dict(COMPILABLE_SCHEMA)
+
+
 def _valid_int(value, low, high):
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
@@ -136,6 +154,7 @@ def map_body(ctx, body):
     if isinstance(body.get("tokens"), list):
         body["tokens"] = _token_ids(body["tokens"])
     _responses_input(body)
+    _response_formats(body)
     body["prompt"] = _completion_prompt(body.get("prompt"))
     if body["prompt"] is None:
         del body["prompt"]
@@ -176,6 +195,8 @@ SEMANTIC_REFUSALS = (
     "invalid image URL",
     "image URL",
     "invalid data URI",
+    # A JSON Schema that does not compile (the hooks replace generated ones, not every case).
+    "cannot be compiled into a grammar",
 )
 
 

@@ -25,7 +25,9 @@ pub fn response_format(value: Option<&Value>) -> Result<Option<OutputFormat>, Ap
                 invalid("`response_format` of type `json_schema` needs `json_schema`".into())
             })?;
             if !spec.is_object() {
-                return Err(invalid("`response_format.json_schema` must be an object".into()));
+                return Err(invalid(
+                    "`response_format.json_schema` must be an object".into(),
+                ));
             }
             let name = spec.get("name").and_then(Value::as_str).unwrap_or_default();
             let name_ok = (1..=MAX_SCHEMA_NAME).contains(&name.len())
@@ -49,7 +51,9 @@ pub fn response_format(value: Option<&Value>) -> Result<Option<OutputFormat>, Ap
                 }
             }
             match spec.get("schema") {
-                Some(schema @ Value::Object(_)) => Ok(Some(OutputFormat::JsonSchema(schema.clone()))),
+                Some(schema @ Value::Object(_)) => {
+                    Ok(Some(OutputFormat::JsonSchema(schema.clone())))
+                }
                 _ => Err(invalid(
                     "`response_format.json_schema.schema` must be a JSON Schema object".into(),
                 )),
