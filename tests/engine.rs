@@ -386,8 +386,9 @@ fn a_stopped_choice_ends_while_its_sibling_goes_on() {
     assert_eq!(generated as usize, 64 + choice_1);
 }
 
-/// Unfiltered temperature sampling is drawn where the logits are when no row needs them on the host,
-/// and on the host otherwise: a seed gives the same tokens either way, and in padded decode steps.
+/// Unfiltered temperature sampling is drawn where the logits are unless the sequence itself needs
+/// them on the host (here: it asks for logprobs): a seed gives the same tokens either way, and in
+/// padded decode steps. A neighbour that needs the host does not pull other rows there.
 #[test]
 fn a_seeded_draw_is_the_same_on_the_device_path_and_the_host_path() {
     let fx = Fixture::load("tiny");
@@ -397,20 +398,22 @@ fn a_seeded_draw_is_the_same_on_the_device_path_and_the_host_path() {
         ..greedy(12)
     };
     // (tokens, how many of all tokens were chosen where the logits are)
-    let run = |config: EngineConfig, beside_logprobs: bool| -> (Vec<u32>, u64) {
+    let run = |config: EngineConfig, own_logprobs: bool, neighbour: bool| -> (Vec<u32>, u64) {
         let engine = start("tiny", config);
-        // A neighbour that wants logprobs, submitted first and running longer, sends every step
-        // they share down the host path.
-        let other = beside_logprobs.then(|| {
+        // A greedy neighbour that wants logprobs (its rows go to the host), submitted first and
+        // running longer, so it shares every step.
+        let other = neighbour.then(|| {
             let params = SamplingParams {
                 logprobs: Some(1),
                 ..greedy(40)
             };
             engine.submit(prompt(&fx, "chat_template"), params).unwrap()
         });
-        let main = engine
-            .submit(prompt(&fx, "text_only"), sampled.clone())
-            .unwrap();
+        let params = SamplingParams {
+            logprobs: own_logprobs.then_some(1),
+            ..sampled.clone()
+        };
+        let main = engine.submit(prompt(&fx, "text_only"), params).unwrap();
         let events = collect_blocking(main).unwrap();
         if let Some(other) = other {
             collect_blocking(other).unwrap();
@@ -420,7 +423,7 @@ fn a_seeded_draw_is_the_same_on_the_device_path_and_the_host_path() {
             wait_idle(&engine).tokens_chosen_in_place,
         )
     };
-    let (device, in_place) = run(EngineConfig::default(), false);
+    let (device, in_place) = run(EngineConfig::default(), false, false);
     assert_eq!(
         (device.len(), in_place),
         (12, 12),
@@ -428,13 +431,22 @@ fn a_seeded_draw_is_the_same_on_the_device_path_and_the_host_path() {
     );
     assert_ne!(device, reference(&fx, "text_only")[..12], "not a draw");
     assert_eq!(
-        run(EngineConfig::default(), true),
+        run(EngineConfig::default(), true, false),
         (device.clone(), 0),
         "host path"
+    );
+    assert_eq!(
+        run(EngineConfig::default(), false, true),
+        (device.clone(), 12),
+        "in place beside a host row"
     );
     let padded = EngineConfig {
         decode_graphs: DecodeGraphs::Padded,
         ..EngineConfig::default()
     };
-    assert_eq!(run(padded, false), (device, 12), "padded decode steps");
+    assert_eq!(
+        run(padded, false, false),
+        (device, 12),
+        "padded decode steps"
+    );
 }
