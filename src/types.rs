@@ -56,6 +56,10 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// `Some(k)`: report the chosen token's log-probability and the `k` most likely alternatives.
     pub logprobs: Option<usize>,
+    /// `Some(k)`: the same for every prompt token after the first (`echo` with `logprobs` in the
+    /// completions API); the prompt is then computed in full, never taken from the prefix cache.
+    /// With it, `max_tokens` may be 0: the prompt is scored and nothing is generated.
+    pub prompt_logprobs: Option<usize>,
     /// Stop strings: matched across token boundaries and trimmed by the frontend's detokenizer, which
     /// then ends the request (as vLLM's output processor does).
     pub stop: Vec<String>,
@@ -81,6 +85,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
             logprobs: None,
+            prompt_logprobs: None,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
@@ -176,6 +181,9 @@ pub struct TokenEvent {
     pub index: usize,
     pub token_ids: Vec<u32>,
     pub logprobs: Vec<StepLogprobs>,
+    /// With `prompt_logprobs`, on choice 0's first event: prompt tokens 1.. in order, each scored
+    /// by the logits of the position before it.
+    pub prompt_logprobs: Vec<StepLogprobs>,
     pub finish_reason: Option<FinishReason>,
     /// Prompt tokens of this choice served from the prefix cache.
     pub cached_prompt_tokens: usize,

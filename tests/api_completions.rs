@@ -115,10 +115,6 @@ async fn what_completions_cannot_do_is_refused() {
     let path = "/v1/completions";
     for (body, param) in [
         (
-            completion(json!("Hi"), json!({"echo": true, "logprobs": 1})),
-            "echo",
-        ),
-        (
             completion(json!("Hi"), json!({"max_tokens": 0})),
             "max_tokens",
         ),

@@ -91,6 +91,7 @@ pub async fn completions(
     }
     let params = prepared[0].params.clone();
     let n = params.n;
+    let first_tokens: Vec<u32> = prepared.iter().map(|p| p.prompt.token_ids[0]).collect();
     let mut runs = Vec::with_capacity(prepared.len());
     for p in prepared {
         let (stream, in_flight, tokenizer, usage) = submit(&state, p)?;
@@ -110,12 +111,17 @@ pub async fn completions(
     {
         let done = done?;
         add_usage(&mut usage, &done.usage);
+        let prompt = params
+            .prompt_logprobs
+            .map(|_| (first_tokens[p], done.prompt_logprobs.as_slice()));
         let lines = done.texts.into_iter().zip(done.finishes).zip(done.logprobs);
         for (i, ((text, finish), lp)) in lines.enumerate() {
             choices.push(CompletionChoice {
                 index: p * n + i,
                 text: format!("{}{text}", echoes[p]),
-                logprobs: params.logprobs.map(|_| legacy_logprobs(&tokenizer, &lp)),
+                logprobs: params
+                    .logprobs
+                    .map(|_| legacy_logprobs(&tokenizer, prompt, &lp)),
                 finish_reason: Some(finish_reason_str(finish)),
             });
         }
@@ -193,21 +199,40 @@ fn echo_only(
     reply.response(choices, Some(usage))
 }
 
-fn legacy_logprobs(tokenizer: &Tokenizer, steps: &[StepLogprobs]) -> CompletionLogprobs {
+/// A prompt to report before the generated tokens (`echo` with `logprobs`): its first token, which
+/// has no score (nothing comes before it), and the scores of the rest.
+type ScoredPrompt<'a> = Option<(u32, &'a [StepLogprobs])>;
+
+/// The legacy API's logprobs of one choice: the scored prompt first when there is one (as OpenAI
+/// and vLLM report an echoed prompt), then the generated tokens.
+fn legacy_logprobs(
+    tokenizer: &Tokenizer,
+    prompt: ScoredPrompt<'_>,
+    steps: &[StepLogprobs],
+) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     let mut offset = 0;
-    for s in steps {
-        let (token, _) = token_text(tokenizer, s.chosen.token_id);
+    let mut push = |out: &mut CompletionLogprobs, id: u32, scored: Option<&StepLogprobs>| {
+        let (token, _) = token_text(tokenizer, id);
         out.text_offset.push(offset);
         offset += token.len();
         out.tokens.push(token);
-        out.token_logprobs.push(s.chosen.logprob);
-        out.top_logprobs.push(
+        out.token_logprobs.push(scored.map(|s| s.chosen.logprob));
+        out.top_logprobs.push(scored.map(|s| {
             s.top
                 .iter()
                 .map(|t| (token_text(tokenizer, t.token_id).0, t.logprob))
-                .collect(),
-        );
+                .collect()
+        }));
+    };
+    if let Some((first, scores)) = prompt {
+        push(&mut out, first, None);
+        for s in scores {
+            push(&mut out, s.chosen.token_id, Some(s));
+        }
+    }
+    for s in steps {
+        push(&mut out, s.chosen.token_id, Some(s));
     }
     out
 }
@@ -222,6 +247,7 @@ fn stream_completion(
 ) -> Result<Response, ApiError> {
     let params = prepared[0].params.clone();
     let n = params.n;
+    let first_tokens: Vec<u32> = prepared.iter().map(|p| p.prompt.token_ids[0]).collect();
     let mut submitted = Vec::with_capacity(prepared.len());
     for p in prepared {
         submitted.push(submit(&state, p)?);
@@ -230,25 +256,36 @@ fn stream_completion(
         let mut runs = Vec::with_capacity(submitted.len());
         for (p, (stream, in_flight, tokenizer, usage)) in submitted.into_iter().enumerate() {
             let (sink, params, reply, echo) = (&sink, &params, &reply, &echoes[p]);
+            let first_token = first_tokens[p];
             runs.push(async move {
                 let _in_flight = in_flight;
                 let mut echoed = vec![echo.is_empty(); n];
+                // Choice 0's first event carries the prompt's scores; each choice's echo repeats them.
+                let mut prompt_scores = Vec::new();
                 let choices = pump_events(stream, sink, tokenizer.clone(), params, |i, delta| {
+                    if !delta.prompt_logprobs.is_empty() {
+                        prompt_scores = delta.prompt_logprobs.clone();
+                    }
                     if delta.text.is_empty() && delta.finish.is_none() && echoed[i] {
                         return Ok(());
                     }
+                    let echoing = !echoed[i];
                     let text = if echoed[i] {
                         delta.text
                     } else {
                         echoed[i] = true;
                         format!("{echo}{}", delta.text)
                     };
+                    let prompt = params
+                        .prompt_logprobs
+                        .filter(|_| echoing)
+                        .map(|_| (first_token, prompt_scores.as_slice()));
                     let choice = CompletionChoice {
                         index: p * n + i,
                         text,
                         logprobs: params
                             .logprobs
-                            .map(|_| legacy_logprobs(&tokenizer, &delta.logprobs)),
+                            .map(|_| legacy_logprobs(&tokenizer, prompt, &delta.logprobs)),
                         finish_reason: delta.finish.map(finish_reason_str),
                     };
                     sink.send_json(&reply.response(vec![choice], None))

@@ -213,6 +213,8 @@ pub struct ChoiceProgress {
 pub struct ChoiceDelta {
     pub text: String,
     pub logprobs: Vec<StepLogprobs>,
+    /// Scores of the prompt's tokens after the first (`prompt_logprobs`), on choice 0's first delta.
+    pub prompt_logprobs: Vec<StepLogprobs>,
     pub finish: Option<FinishReason>,
     /// A stop string ended the choice here, before the engine did: the engine should stop it.
     pub stop_string: bool,
@@ -232,6 +234,7 @@ impl ChoiceProgress {
         let mut delta = ChoiceDelta {
             text: String::new(),
             logprobs: Vec::new(),
+            prompt_logprobs: event.prompt_logprobs.clone(),
             finish: None,
             stop_string: false,
         };
@@ -316,6 +319,8 @@ pub struct Completed {
     pub texts: Vec<String>,
     pub finishes: Vec<FinishReason>,
     pub logprobs: Vec<Vec<StepLogprobs>>,
+    /// Scores of the prompt's tokens after the first, with `prompt_logprobs`.
+    pub prompt_logprobs: Vec<StepLogprobs>,
     pub usage: UsageWire,
 }
 
@@ -331,6 +336,7 @@ pub async fn run_to_completion(
         .collect();
     let mut texts = vec![String::new(); n];
     let mut logprobs = vec![Vec::new(); n];
+    let mut prompt_logprobs = Vec::new();
     // Dropped with this future when the client leaves: counted as aborted.
     let mut timer = RequestTimer::start();
     while choices.iter().any(|c| c.finish.is_none()) {
@@ -358,6 +364,7 @@ pub async fn run_to_completion(
         }
         texts[event.index].push_str(&delta.text);
         logprobs[event.index].extend(delta.logprobs);
+        prompt_logprobs.extend(delta.prompt_logprobs);
     }
     // Every choice has finished, so dropping the stream frees nothing more (the abort is a no-op).
     drop(stream);
@@ -369,6 +376,7 @@ pub async fn run_to_completion(
             .map(|c| c.finish.expect("all finished"))
             .collect(),
         logprobs,
+        prompt_logprobs,
         usage: final_usage(usage, &choices),
     })
 }

@@ -237,10 +237,10 @@ pub fn completion_request() -> Value {
                "description": "Text, token ids, or a list of either (no template, no images); each prompt gets `n` choices."}),
     );
     let budget = json!({"type": "integer", "minimum": 0, "maximum": u32::MAX,
-        "description": "0 only with `echo` (the prompt alone). Prompt plus this must fit the context."});
+        "description": "0 only with `echo` (the prompt alone, scored with `logprobs`). Prompt plus this must fit the context."});
     p.insert("max_tokens".into(), nullable(budget.clone()));
     p.insert("max_completion_tokens".into(), nullable(budget));
-    p.insert("echo".into(), nullable(json!({"type": "boolean", "description": "The prompt's text first; not with `logprobs`."})));
+    p.insert("echo".into(), nullable(json!({"type": "boolean", "description": "The prompt's text first; with `logprobs`, its tokens scored too (the first one `null`)."})));
     p.insert(
         "suffix".into(),
         unsupported("Not supported: any value but null is a 400."),
@@ -252,10 +252,6 @@ pub fn completion_request() -> Value {
         rules_list.push(json!({"if": zero(field),
             "then": {"required": ["echo"], "properties": {"echo": {"const": true}}}}));
     }
-    rules_list.push(
-        json!({"if": {"required": ["echo"], "properties": {"echo": {"const": true}}},
-        "then": {"properties": {"logprobs": {"type": "null"}}}}),
-    );
     json!({"type": "object", "required": ["model", "prompt"], "properties": p,
            "allOf": rules, "description": "`POST /v1/completions`."})
 }

@@ -56,6 +56,11 @@ struct RequestState {
 struct SeqState {
     request: RequestId,
     index: usize,
+    /// `Some(k)`: this sequence scores its prompt (choice 0 of a `prompt_logprobs` request).
+    prompt_logprobs: Option<usize>,
+    /// The next prompt token to score, and the scores not yet sent.
+    next_scored: usize,
+    prompt_scores: Vec<crate::types::StepLogprobs>,
     /// Prompt plus `max_tokens`, capped by the context.
     max_len: usize,
 }
@@ -189,6 +194,8 @@ impl EngineCore {
             self.next_seq += 1;
             let mut seq = Sequence::new(id, sub.prompt.token_ids.clone(), images.clone());
             seq.cache_salt = sub.prompt.cache_salt;
+            let prompt_logprobs = sub.params.prompt_logprobs.filter(|_| index == 0);
+            seq.computes_whole_prompt = prompt_logprobs.is_some();
             // Later choices wait for the first one's prompt, then reuse its blocks.
             seq.wait_for = seq_ids.first().copied();
             self.scheduler.add(seq);
@@ -201,6 +208,9 @@ impl EngineCore {
                 SeqState {
                     request: sub.id,
                     index,
+                    prompt_logprobs,
+                    next_scored: 1,
+                    prompt_scores: Vec::new(),
                     max_len,
                 },
             );
@@ -312,12 +322,15 @@ impl EngineCore {
                     .scheduler
                     .get(s.seq_id)
                     .expect("scheduled sequences exist");
-                let req = &self.requests[&self.seqs[&s.seq_id].request];
+                let state = &self.seqs[&s.seq_id];
+                let req = &self.requests[&state.request];
                 BatchEntry {
                     scheduled: s,
                     token_ids: &seq.token_ids,
                     images: &req.images,
                     pixels: &req.pixels,
+                    num_prompt_tokens: seq.num_prompt_tokens,
+                    prompt_logprobs: state.prompt_logprobs,
                 }
             })
             .collect();
@@ -341,6 +354,19 @@ impl EngineCore {
             Err(e) => return StepOutcome::Faulted(e.to_string()),
         };
 
+        for scores in step.prompt_scores {
+            let id = out.scheduled[scores.entry].seq_id;
+            if let Some(state) = self.seqs.get_mut(&id) {
+                // A sequence recomputed after preemption scores its prompt again: keep one score
+                // per token.
+                for (i, lp) in scores.logprobs.into_iter().enumerate() {
+                    if scores.first + i == state.next_scored {
+                        state.prompt_scores.push(lp);
+                        state.next_scored += 1;
+                    }
+                }
+            }
+        }
         let sample_started = Instant::now();
         let mut sampled = Vec::with_capacity(sampling.len());
         let mut logprobs = Vec::with_capacity(sampling.len());
@@ -396,9 +422,10 @@ impl EngineCore {
 
     /// Sends a sampled token to its request and finishes the sequence when it should stop.
     fn emit(&mut self, id: SeqId, token: u32, logprobs: Option<crate::types::StepLogprobs>) {
-        let Some(seq_state) = self.seqs.get(&id) else {
+        let Some(seq_state) = self.seqs.get_mut(&id) else {
             return;
         };
+        let prompt_logprobs = std::mem::take(&mut seq_state.prompt_scores);
         let req_id = seq_state.request;
         let (len, cached) = {
             let seq = self.scheduler.get(id).expect("live sequence");
@@ -406,7 +433,12 @@ impl EngineCore {
         };
         let req = self.requests.get_mut(&req_id).expect("live request");
         let params = &req.params;
-        let finish = if (!params.ignore_eos && self.eos_token_ids.contains(&token))
+        // `max_tokens: 0` (prompt scoring): the step that finished the prompt ends the choice, and
+        // the token it drew is not part of the answer.
+        let scores_only = params.max_tokens == 0;
+        let finish = if scores_only {
+            Some(FinishReason::Length)
+        } else if (!params.ignore_eos && self.eos_token_ids.contains(&token))
             || params.stop_token_ids.contains(&token)
         {
             Some(FinishReason::Stop)
@@ -415,14 +447,19 @@ impl EngineCore {
         } else {
             None
         };
-        req.usage.completion_tokens += 1;
+        req.usage.completion_tokens += usize::from(!scores_only);
         if seq_state.index == 0 {
             req.usage.cached_prompt_tokens = cached;
         }
         let mut event = TokenEvent {
             index: seq_state.index,
-            token_ids: vec![token],
-            logprobs: logprobs.into_iter().collect(),
+            token_ids: if scores_only { Vec::new() } else { vec![token] },
+            logprobs: if scores_only {
+                Vec::new()
+            } else {
+                logprobs.into_iter().collect()
+            },
+            prompt_logprobs,
             finish_reason: finish,
             cached_prompt_tokens: cached,
             usage: None,

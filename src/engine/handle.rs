@@ -333,8 +333,10 @@ impl EngineHandle {
         if len == 0 {
             return invalid("the prompt is empty".into());
         }
-        if params.n == 0 || params.max_tokens == 0 {
-            return invalid("n and max_tokens must be at least 1".into());
+        if params.n == 0 || (params.max_tokens == 0 && params.prompt_logprobs.is_none()) {
+            return invalid(
+                "n, and max_tokens unless the prompt is scored, must be at least 1".into(),
+            );
         }
         if prompt.images.len() != prompt.image_spans.len() {
             return invalid("every image needs exactly one placeholder span".into());

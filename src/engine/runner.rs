@@ -10,12 +10,13 @@ use std::time::Instant;
 use super::batch_sampler::{SamplePlan, StepLogits};
 use super::fixed_decode::{DecodeGraphs, FixedDecode};
 use super::inputs::{image_rows_in_range, pixel_values};
+use super::sampler::step_logprobs;
 use crate::model::attention::SequenceStep;
 use crate::model::sampling::sample_rows;
 use crate::model::static_decode::DecodeRow;
 use crate::model::{AttentionMetadata, ForwardInput, KvCache, LlavaModel, ModelError};
 use crate::scheduler::{ScheduledSeq, SeqImage};
-use crate::types::{ImageSpan, ProcessedImage};
+use crate::types::{ImageSpan, ProcessedImage, StepLogprobs};
 
 /// One scheduled sequence with what the runner needs to read of it.
 pub struct BatchEntry<'a> {
@@ -25,7 +26,23 @@ pub struct BatchEntry<'a> {
     pub images: &'a [SeqImage],
     /// Pixel values of `images`, same order.
     pub pixels: &'a [ProcessedImage],
+    pub num_prompt_tokens: usize,
+    /// `Some(k)`: score the prompt tokens this step computes (see `SamplingParams::prompt_logprobs`).
+    pub prompt_logprobs: Option<usize>,
 }
+
+/// Scores of the prompt tokens one sequence computed in a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptScores {
+    /// Index of the sequence in the step's batch.
+    pub entry: usize,
+    /// Position of the first scored token (the logits of position `first - 1` score it).
+    pub first: usize,
+    pub logprobs: Vec<StepLogprobs>,
+}
+
+/// Rows of prompt logits brought to the host at once: bounds the host copy of a long prompt.
+const PROMPT_ROWS_PER_COPY: usize = 256;
 
 /// What a step cost on the image side, for metrics.
 #[derive(Debug, Default, Clone, Copy)]
@@ -85,6 +102,7 @@ pub struct StepOutput {
     pub forward_micros: u64,
     /// The step ran through the fixed-shape decode buffers (a CUDA graph on a GPU).
     pub fixed_shape: bool,
+    pub prompt_scores: Vec<PromptScores>,
 }
 
 impl ModelRunner {
@@ -169,6 +187,7 @@ impl ModelRunner {
                         prepare_micros: 0,
                         forward_micros: started.elapsed().as_micros() as u64,
                         fixed_shape: true,
+                        prompt_scores: Vec::new(),
                     })
                 }
                 Ok(None) => {}
@@ -192,7 +211,9 @@ impl ModelRunner {
         let mut feature_parts = Vec::new();
         let mut feature_rows = Vec::new();
         let mut logits_rows = Vec::new();
-        for entry in batch {
+        // (entry, first scored position, batch row of the position before it, count)
+        let mut prompt_rows: Vec<(usize, usize, u32, usize)> = Vec::new();
+        for (index, entry) in batch.iter().enumerate() {
             let s = entry.scheduled;
             let (start, end) = range(s);
             let offset = token_ids.len();
@@ -222,6 +243,15 @@ impl ModelRunner {
             if s.sample {
                 logits_rows.push(token_ids.len() as u32 - 1);
             }
+            // Position p's logits score prompt token p + 1.
+            let scored_end = end.min(entry.num_prompt_tokens.saturating_sub(1));
+            if entry.prompt_logprobs.is_some() && start < scored_end {
+                prompt_rows.push((index, start + 1, offset as u32, scored_end - start));
+            }
+        }
+        let num_sampling = logits_rows.len();
+        for &(_, _, row, count) in &prompt_rows {
+            logits_rows.extend(row..row + count as u32);
         }
         let block_size = self.kv_cache.shape.block_size;
         let meta = AttentionMetadata::build_for(
@@ -241,6 +271,7 @@ impl ModelRunner {
         };
         let prepare_micros = started.elapsed().as_micros() as u64 - images.encode_micros;
         let forward_started = Instant::now();
+        let mut prompt_scores = Vec::new();
         let logits = if logits_rows.is_empty() {
             // Only partial prefills this step: the K/V are what matters, no logits are wanted.
             let rows = Tensor::new(&[0u32], &device)?;
@@ -248,7 +279,18 @@ impl ModelRunner {
             StepLogits::default()
         } else {
             let rows = Tensor::new(logits_rows, &device)?;
-            let logits = self.forward(&token_ids, &image_rows, &meta, &rows)?;
+            let all = self.forward(&token_ids, &image_rows, &meta, &rows)?;
+            let mut next_row = num_sampling;
+            for &(entry, first, _, count) in &prompt_rows {
+                let scored = all.narrow(0, next_row, count)?;
+                next_row += count;
+                prompt_scores.push(PromptScores {
+                    entry,
+                    first,
+                    logprobs: score_prompt(&scored, &batch[entry], first)?,
+                });
+            }
+            let logits = all.narrow(0, 0, num_sampling)?;
             let tokens = if !plan.has_device_rows() {
                 Vec::new()
             } else if plan.all_greedy() && !device.is_cpu() {
@@ -267,6 +309,7 @@ impl ModelRunner {
             prepare_micros,
             forward_micros: forward_started.elapsed().as_micros() as u64,
             fixed_shape: false,
+            prompt_scores,
         })
     }
 
@@ -304,6 +347,27 @@ fn decode_rows<'a>(batch: &[BatchEntry<'a>]) -> Option<Vec<DecodeRow<'a>>> {
             })
         })
         .collect()
+}
+
+/// Log-probabilities of the prompt tokens from `first` on, from the logits of the positions before
+/// them (`[count, vocab]`), copied to the host a bounded number of rows at a time.
+fn score_prompt(
+    logits: &Tensor,
+    entry: &BatchEntry<'_>,
+    first: usize,
+) -> Result<Vec<StepLogprobs>, ModelError> {
+    let k = entry.prompt_logprobs.unwrap_or(0);
+    let count = logits.dim(0)?;
+    let mut scores = Vec::with_capacity(count);
+    for chunk_start in (0..count).step_by(PROMPT_ROWS_PER_COPY) {
+        let len = PROMPT_ROWS_PER_COPY.min(count - chunk_start);
+        let rows = logits.narrow(0, chunk_start, len)?.to_vec2::<f32>()?;
+        for (i, row) in rows.iter().enumerate() {
+            let token = entry.token_ids[first + chunk_start + i];
+            scores.push(step_logprobs(row, token, k));
+        }
+    }
+    Ok(scores)
 }
 
 /// The rows of `[rows, vocab]` logits the host needs, copied alone.

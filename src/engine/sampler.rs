@@ -295,8 +295,9 @@ fn draw(probs: &[f64], u: f64) -> u32 {
     last as u32
 }
 
-/// log-softmax of the raw logits: the chosen token and the `k` most likely ones.
-fn step_logprobs(logits: &[f32], chosen: u32, k: usize) -> StepLogprobs {
+/// log-softmax of the raw logits: the chosen token and the `k` most likely ones (also how the runner
+/// scores prompt tokens).
+pub fn step_logprobs(logits: &[f32], chosen: u32, k: usize) -> StepLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let log_total = logits
         .iter()

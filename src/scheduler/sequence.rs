@@ -41,6 +41,8 @@ pub struct Sequence {
     /// Hashed into the first block's key, so sequences with different salts never share cached
     /// blocks (vLLM's `cache_salt`): one tenant cannot learn from `cached_tokens` what another sent.
     pub cache_salt: Option<[u8; 32]>,
+    /// Every prompt position is computed (its logits are wanted): no prefix-cache hit is taken.
+    pub computes_whole_prompt: bool,
     pub(super) blocks: Vec<KvBlock>,
     /// Chained hashes of the leading full blocks that are registered in the prefix cache.
     pub(super) block_hashes: Vec<u64>,
@@ -62,6 +64,7 @@ impl Sequence {
             num_cached_prompt_tokens: 0,
             wait_for: None,
             cache_salt: None,
+            computes_whole_prompt: false,
             blocks: Vec::new(),
             block_hashes: Vec::new(),
             images_scheduled: vec![false; n],
@@ -113,6 +116,9 @@ impl Sequence {
     /// Takes the longest run of leading blocks found in the prefix cache, leaving at least the last
     /// token to compute (its logits are needed). Returns the number of tokens covered.
     pub(super) fn take_cached_prefix(&mut self, pool: &BlockPool) -> usize {
+        if self.computes_whole_prompt {
+            return 0;
+        }
         let bs = pool.block_size();
         let max_blocks = self.len().saturating_sub(1) / bs;
         let mut parent = None;

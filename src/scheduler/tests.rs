@@ -125,6 +125,21 @@ fn prefix_cache_hit_skips_computed_blocks_but_not_the_last_token() {
 }
 
 #[test]
+fn a_sequence_that_computes_its_whole_prompt_takes_no_prefix_hit() {
+    let pool = BlockPool::new(64, 4);
+    let mut s = Scheduler::new(config(100, 4), pool);
+    let prompt: Vec<u32> = (0..12).collect();
+    s.add(Sequence::new(1, prompt.clone(), vec![]));
+    step(&mut s);
+    let mut whole = Sequence::new(2, prompt, vec![]);
+    whole.computes_whole_prompt = true;
+    s.add(whole);
+    let out = step(&mut s);
+    let second = out.scheduled.iter().find(|x| x.seq_id == 2).unwrap();
+    assert_eq!((second.num_cached, second.num_new), (0, 12));
+}
+
+#[test]
 fn a_cache_salt_separates_prefix_cache_entries() {
     let pool = BlockPool::new(64, 4);
     let mut s = Scheduler::new(config(100, 4), pool);

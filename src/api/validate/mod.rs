@@ -149,18 +149,14 @@ pub fn validate_completion(
         ));
     }
     let echo = req.echo.unwrap_or(false);
-    if echo && req.sampling.logprobs.is_some() {
-        return Err(ApiError::invalid(
-            "`echo` with `logprobs` (log-probabilities of the prompt) is not supported",
-            "echo",
-        ));
-    }
-    // `max_tokens: 0` asks for the prompt alone, which only `echo` gives; the other fields are
-    // checked as for a generation.
+    // `max_tokens: 0` asks for the prompt alone, which only `echo` gives (scored, with `logprobs`:
+    // how evaluation harnesses ask for log-likelihoods); the other fields are checked as for a
+    // generation.
     let zero = |v: Option<u32>| v == Some(0);
-    let echo_only =
+    let prompt_alone =
         echo && (zero(req.sampling.max_tokens) || zero(req.sampling.max_completion_tokens));
-    let generation = if echo_only {
+    let echo_only = prompt_alone && req.sampling.logprobs.is_none();
+    let mut generation = if prompt_alone {
         let mut fields = req.sampling.clone();
         fields.max_tokens = None;
         fields.max_completion_tokens = None;
@@ -170,6 +166,9 @@ pub fn validate_completion(
     } else {
         generation(&req.sampling, false, limits, api_key)?
     };
+    if echo {
+        generation.params.prompt_logprobs = generation.params.logprobs;
+    }
     for prompt in &prompts {
         match prompt {
             CompletionPrompt::Text(text) => {

@@ -165,6 +165,7 @@ pub(super) fn sampling_params(
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0) as f32,
         logit_bias,
         logprobs,
+        prompt_logprobs: None,
         stop,
         stop_token_ids: Vec::new(),
         ignore_eos: f.ignore_eos.unwrap_or(false),

@@ -128,8 +128,9 @@ pub struct CompletionChoice {
 #[derive(Debug, Clone, Default, Serialize, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<std::collections::HashMap<String, f32>>,
+    /// `null` for the first token of an echoed prompt (nothing comes before it).
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<std::collections::HashMap<String, f32>>>,
     pub text_offset: Vec<usize>,
 }
 
