@@ -191,6 +191,17 @@ def main(binary):
                     assert isinstance(json.loads(content), dict), content
             assert finished > 0, "no json_object answer finished within 60 tokens"
 
+        def check_prompt_logprobs():
+            # lm-eval-harness' log-likelihood request: the prompt scored, nothing generated.
+            with open(os.path.join(FIXTURES, "refs", "prompt_logprobs.json")) as f:
+                case = json.load(f)["cases"][0]
+            r = client.completions.create(model=MODEL, prompt=case["prompt"], echo=True, logprobs=1,
+                                          max_tokens=0, temperature=0)
+            lp = r.choices[0].logprobs
+            assert r.choices[0].text == case["prompt"] and lp.token_logprobs[0] is None, r
+            for got, want in zip(lp.token_logprobs[1:], case["tokens"], strict=True):
+                assert abs(got - want["logprob"]) < 1e-4, (got, want)
+
         def check_models_and_tokenize():
             assert client.models.retrieve(MODEL).id == MODEL
             request = urllib.request.Request(
@@ -214,7 +225,7 @@ def main(binary):
 
         for check in (check_non_streaming, check_streaming, check_image_url, check_errors,
                       check_responses_create, check_responses_stream, check_parse, check_json_object,
-                      check_models_and_tokenize, check_langchain_structured_output):
+                      check_prompt_logprobs, check_models_and_tokenize, check_langchain_structured_output):
             try:
                 check()
                 passed += 1
