@@ -102,6 +102,12 @@ pub enum OutputFormat {
     JsonObject,
     /// JSON valid against this schema.
     JsonSchema(serde_json::Value),
+    /// Text matching this regular expression in full.
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// Text of this context-free grammar, in the Lark syntax llguidance reads.
+    Grammar(String),
 }
 
 /// A compiled constraint on the tokens a sequence may produce (a grammar). The frontend compiles it;

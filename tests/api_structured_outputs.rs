@@ -204,3 +204,77 @@ async fn bad_formats_and_schemas_are_400s_naming_response_format() {
     }
     assert_still_exact(&t).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllms_structured_outputs_constrain_to_a_regex_a_choice_or_a_grammar() {
+    let t = start(options()).await;
+    let ask = |outputs: Value, seed: u64| {
+        json!({"model": MODEL, "prompt": "Answer:", "max_tokens": 24, "temperature": 1.0,
+               "seed": seed, "structured_outputs": outputs})
+    };
+    for seed in 0..3 {
+        let cases = [
+            (json!({"regex": "[0-9]{3}-[a-c]{2}"}), "regex"),
+            (json!({"choice": ["yes", "no", "maybe not"]}), "choice"),
+            (
+                json!({"grammar": "start: \"(\" item (\",\" item)* \")\"\nitem: \"x\" | \"yy\""}),
+                "grammar",
+            ),
+            (
+                json!({"json": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}}),
+                "json",
+            ),
+        ];
+        for (outputs, kind) in cases {
+            let (status, body) = post(&t, "/v1/completions", &ask(outputs, seed)).await;
+            assert_eq!(status, 200, "{body}");
+            let choice = &body["choices"][0];
+            let text = choice["text"].as_str().unwrap();
+            if choice["finish_reason"] != "stop" {
+                // Only the grammar's language is unbounded: the others end within 24 tokens.
+                assert_eq!(kind, "grammar", "{kind} (seed {seed}) was cut: {text:?}");
+                continue;
+            }
+            let valid = match kind {
+                "regex" => {
+                    let b = text.as_bytes();
+                    b.len() == 6
+                        && b[..3].iter().all(u8::is_ascii_digit)
+                        && b[3] == b'-'
+                        && b[4..].iter().all(|c| (b'a'..=b'c').contains(c))
+                }
+                "choice" => ["yes", "no", "maybe not"].contains(&text),
+                "grammar" => {
+                    let inner = text.strip_prefix('(').and_then(|s| s.strip_suffix(')'));
+                    inner.is_some_and(|s| s.split(',').all(|item| item == "x" || item == "yy"))
+                }
+                _ => serde_json::from_str::<Vec<bool>>(text).is_ok_and(|v| v.len() <= 2),
+            };
+            assert!(valid, "{kind} (seed {seed}): {text:?}");
+        }
+    }
+    // Refusals: both fields, vLLM's older `guided_*` fields, and an expression that cannot compile.
+    for (body, param) in [
+        (
+            json!({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "a"},
+                   "response_format": {"type": "json_object"}}),
+            "structured_outputs",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x", "guided_json": {"type": "object"}}),
+            "guided_json",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x", "structured_outputs": {"regex": "(unclosed"}}),
+            "structured_outputs",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x", "structured_outputs": {"grammar": "start: undefined_rule"}}),
+            "structured_outputs",
+        ),
+    ] {
+        let (status, answer) = post(&t, "/v1/completions", &body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error"]["param"], param, "{answer}");
+    }
+}

@@ -117,7 +117,6 @@ impl From<FrontendError> for ApiError {
     fn from(e: FrontendError) -> Self {
         match e {
             FrontendError::Config(_) => ApiError::internal(e),
-            FrontendError::Grammar(_) => ApiError::invalid(e.to_string(), "response_format"),
             _ => ApiError::invalid(e.to_string(), "messages"),
         }
     }

@@ -162,11 +162,12 @@ async fn finish_preparing(
         prompt.token_ids.len(),
     )?;
     prompt.cache_salt = generation.cache_salt;
-    if let Some(format) = generation.output_format {
+    if let Some((format, field)) = generation.output_format {
         let structured = model.structured.clone();
         let constraint = tokio::task::spawn_blocking(move || structured.compile(&format))
             .await
-            .map_err(|e| ApiError::internal(format!("grammar worker failed: {e}")))??;
+            .map_err(|e| ApiError::internal(format!("grammar worker failed: {e}")))?
+            .map_err(|e| ApiError::invalid(e.to_string(), field))?;
         params.constraint = Some(constraint);
     }
     Ok(Prepared {

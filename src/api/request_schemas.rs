@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use super::validate::response_format::MAX_SCHEMA_NAME;
 use super::validate::{
     FRACTION_BOUNDS, IMAGE_DETAILS, MAX_LOGIT_BIAS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS,
-    MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, REFUSED_CHAT_FIELDS,
+    MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, REFUSED_CHAT_FIELDS, REFUSED_COMPLETION_FIELDS,
 };
 
 fn nullable(schema: Value) -> Value {
@@ -88,6 +88,7 @@ fn generation_properties(chat: bool) -> Map<String, Value> {
     );
     p.insert("user".into(), nullable(json!({"type": "string"})));
     p.insert("response_format".into(), nullable(response_format()));
+    p.insert("structured_outputs".into(), nullable(structured_outputs()));
     p.insert(
         "best_of".into(),
         nullable(json!({"type": "integer", "minimum": 1, "maximum": MAX_N,
@@ -107,7 +108,9 @@ fn generation_rules(chat: bool) -> Value {
         {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
          "then": {"required": ["stream"], "properties": {"stream": {"const": true}}}},
         {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
-         "then": {"required": ["logprobs"], "properties": {"logprobs": logprobs_on}}}
+         "then": {"required": ["logprobs"], "properties": {"logprobs": logprobs_on}}},
+        {"if": {"required": ["structured_outputs"], "properties": {"structured_outputs": {"type": "object"}}},
+         "then": {"properties": {"response_format": nullable(format_of("text"))}}}
     ])
 }
 
@@ -142,6 +145,33 @@ fn response_format() -> Value {
             "json_schema": {"type": "object", "required": ["name", "schema"], "properties": json_schema_fields()}
         }}
     ], "description": "Structured outputs: free text, any JSON object, or JSON valid for a schema; the grammar is enforced at every token."})
+}
+
+/// vLLM's `structured_outputs`: exactly one format.
+fn structured_outputs() -> Value {
+    let set =
+        |field: &str, schema: Value| json!({"required": [field], "properties": {field: schema}});
+    json!({
+        "type": "object",
+        "additionalProperties": false,
+        "properties": {
+            "json": nullable(json!({"oneOf": [{"type": "object"}, {"type": "string", "description": "A schema's JSON text."}]})),
+            "regex": nullable(json!({"type": "string"})),
+            "choice": nullable(json!({"type": "array", "minItems": 1, "items": {"type": "string"}})),
+            "grammar": nullable(json!({"type": "string", "description": "Lark syntax, as llguidance reads it."})),
+            "json_object": nullable(json!({"type": "boolean"})),
+            "disable_any_whitespace": nullable(json!({"type": "boolean", "description": "JSON is always written without free whitespace."})),
+            "disable_fallback": nullable(json!({"type": "boolean", "description": "There is no fallback."}))
+        },
+        "oneOf": [
+            set("json", json!({"oneOf": [{"type": "object"}, {"type": "string"}]})),
+            set("regex", json!({"type": "string"})),
+            set("choice", json!({"type": "array"})),
+            set("grammar", json!({"type": "string"})),
+            set("json_object", json!({"const": true}))
+        ],
+        "description": "vLLM's structured outputs: exactly one of `json`, `regex`, `choice`, `grammar`, `json_object`; not with `response_format`. One that cannot be compiled is a 400."
+    })
 }
 
 /// `text.format` of the Responses API.
@@ -241,10 +271,12 @@ pub fn completion_request() -> Value {
     p.insert("max_tokens".into(), nullable(budget.clone()));
     p.insert("max_completion_tokens".into(), nullable(budget));
     p.insert("echo".into(), nullable(json!({"type": "boolean", "description": "The prompt's text first; with `logprobs`, its tokens scored too (the first one `null`)."})));
-    p.insert(
-        "suffix".into(),
-        unsupported("Not supported: any value but null is a 400."),
-    );
+    for field in REFUSED_COMPLETION_FIELDS {
+        p.insert(
+            field.into(),
+            unsupported("Not supported: any value but null is a 400."),
+        );
+    }
     let mut rules = generation_rules(false);
     let zero = |field: &str| json!({"required": [field], "properties": {field: {"const": 0}}});
     let rules_list = rules.as_array_mut().expect("rules are a list");

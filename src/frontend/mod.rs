@@ -24,8 +24,8 @@ pub enum FrontendError {
     Image(String),
     #[error("{0}")]
     Template(String),
-    /// A `response_format` schema that cannot be compiled into a grammar.
-    #[error("the JSON schema of `response_format` cannot be compiled into a grammar: {0}")]
+    /// A response format (schema, regular expression, grammar) that cannot be compiled.
+    #[error("the output format (`response_format` or `structured_outputs`) cannot be compiled into a grammar: {0}")]
     Grammar(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -1,4 +1,5 @@
-//! Structured outputs: `response_format` (JSON object or JSON schema) compiled by llguidance into a
+//! Structured outputs: `response_format` (JSON object or JSON schema) and vLLM's `structured_outputs`
+//! (also a regular expression, a choice of strings or a Lark grammar) compiled by llguidance into a
 //! `TokenConstraint` over the checkpoint's vocabulary, which the engine's sampler applies as a token
 //! mask at every step. Compiled grammars are cached by schema text.
 //!
@@ -88,20 +89,44 @@ impl StructuredOutputs {
         })
     }
 
-    /// The constraint for `format`, compiled or from the cache; a schema llguidance cannot compile
-    /// is the client's error, with llguidance's reason.
+    /// The constraint for `format`, compiled or from the cache; a schema, expression or grammar
+    /// llguidance cannot compile is the client's error, with llguidance's reason.
     pub fn compile(&self, format: &OutputFormat) -> Result<TokenConstraint, FrontendError> {
-        let schema = match format {
-            OutputFormat::JsonObject => json!({"type": "object"}),
-            OutputFormat::JsonSchema(schema) => schema.clone(),
+        let (key, grammar) = match format {
+            OutputFormat::JsonObject => {
+                let schema = json!({"type": "object"});
+                (
+                    json!({"json": schema}),
+                    TopLevelGrammar::from_json_schema(compact(schema)),
+                )
+            }
+            OutputFormat::JsonSchema(schema) => (
+                json!({"json": schema}),
+                TopLevelGrammar::from_json_schema(compact(schema.clone())),
+            ),
+            OutputFormat::Regex(regex) => {
+                (json!({"regex": regex}), TopLevelGrammar::from_regex(regex))
+            }
+            OutputFormat::Choice(choices) => {
+                let alternatives: Vec<String> =
+                    choices.iter().map(|c| regex_syntax::escape(c)).collect();
+                (
+                    json!({"choice": choices}),
+                    TopLevelGrammar::from_regex(&format!("({})", alternatives.join("|"))),
+                )
+            }
+            OutputFormat::Grammar(lark) => (
+                json!({"grammar": lark}),
+                TopLevelGrammar::from_lark(lark.clone()),
+            ),
         };
-        let key = schema.to_string();
+        let key = key.to_string();
         if let Some(grammar) = self.cache.lock().expect("cache lock").get(&key) {
             return Ok(TokenConstraint(grammar));
         }
         let parser = self
             .factory
-            .create_parser(TopLevelGrammar::from_json_schema(compact(schema)))
+            .create_parser(grammar)
             .map_err(|e| FrontendError::Grammar(e.to_string()))?;
         let grammar = Arc::new(Grammar { parser });
         self.cache

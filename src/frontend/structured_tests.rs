@@ -145,3 +145,28 @@ fn the_same_schema_is_compiled_once() {
     assert_eq!(first, again);
     assert_ne!(first, other);
 }
+
+#[test]
+fn a_choice_and_a_regex_allow_what_can_begin_them() {
+    let outputs = outputs();
+    let choice = OutputFormat::Choice(vec!["a1".into(), "x".into(), "{\"".into()]);
+    let mut state = outputs.compile(&choice).unwrap().0.start();
+    // `{"` is forced text only as one of three choices, so both its splits may begin it.
+    assert_eq!(
+        allowed(&mut state),
+        sorted(vec![id("{"), id("a"), id("x"), id("{\"")])
+    );
+    state.accept(id("a")).unwrap();
+    assert_eq!(allowed(&mut state), vec![id("1")]);
+    state.accept(id("1")).unwrap();
+    assert_eq!(allowed(&mut state), vec![EOS]);
+
+    let mut state = outputs
+        .compile(&OutputFormat::Regex("[12]+:".into()))
+        .unwrap()
+        .0
+        .start();
+    assert_eq!(allowed(&mut state), sorted(vec![id("1"), id("2")]));
+    state.accept(id("2")).unwrap();
+    assert_eq!(allowed(&mut state), sorted(vec![id("1"), id("2"), id(":")]));
+}

@@ -4,12 +4,13 @@ The OpenAPI document is exact for everything a schema can express (api/request_s
 it cannot express, a valid request must still meet, and these hooks make each generated body meet
 it before it is sent: a real image behind each image URL, a prompt and `max_tokens` within the
 context, token ids below the vocabulary size, `best_of` equal to `n`, and a response format's JSON
-Schema one that compiles (the document can only say it is an object).
+Schema, regular expression and grammar ones that compile (the document can only give their types).
 Budgets are kept small (a few tokens, short texts) so a run spends its time on validation, not on
 generating text with the tiny model.
 """
 
 import base64
+import json
 import pathlib
 import sys
 
@@ -129,6 +130,14 @@ def _response_formats(body):
         holder = fmt.get("json_schema") if "json_schema" in fmt else fmt
         if isinstance(holder, dict) and isinstance(holder.get("schema"), dict):
             holder["schema"] = dict(COMPILABLE_SCHEMA)
+    # vLLM's `structured_outputs`: a schema, expression and grammar that compile, same types.
+    outputs = body.get("structured_outputs")
+    if isinstance(outputs, dict):
+        for key, value in (("json", COMPILABLE_SCHEMA), ("regex", "[a-z]{1,4}"), ("grammar", 'start: "yes" | "no"')):
+            if isinstance(outputs.get(key), dict) and key == "json":
+                outputs[key] = dict(value)
+            elif isinstance(outputs.get(key), str):
+                outputs[key] = json.dumps(value) if key == "json" else value
 
 
 def _valid_int(value, low, high):
@@ -197,6 +206,7 @@ SEMANTIC_REFUSALS = (
     "invalid data URI",
     # A JSON Schema that does not compile (the hooks replace generated ones, not every case).
     "cannot be compiled into a grammar",
+    "is not a JSON Schema object",
 )
 
 

@@ -43,8 +43,9 @@ pub struct ValidGeneration {
     pub asked_max_tokens: Option<usize>,
     /// The prefix-cache salt (`cache_salt`, and the API key when keys salt the cache).
     pub cache_salt: Option<[u8; 32]>,
-    /// Structured outputs: compiled into `params.constraint` during preparation.
-    pub output_format: Option<OutputFormat>,
+    /// Structured outputs: compiled into `params.constraint` during preparation; with the field it
+    /// came from, which a compile error names.
+    pub output_format: Option<(OutputFormat, &'static str)>,
 }
 
 /// A chat request the server can serve, as far as the request alone can tell.
@@ -83,7 +84,7 @@ pub const IMAGE_DETAILS: [&str; 3] = ["auto", "low", "high"];
 /// Fields OpenAI's chat API defines that this server does not implement. Sent with any value but
 /// `null` (or the value that asks for what the server does anyway), they get a 400 naming them:
 /// a client that relies on one must not get a 200 that silently ignored it.
-pub const REFUSED_CHAT_FIELDS: [&str; 9] = [
+pub const REFUSED_CHAT_FIELDS: [&str; 15] = [
     "tools",
     "parallel_tool_calls",
     "functions",
@@ -93,10 +94,24 @@ pub const REFUSED_CHAT_FIELDS: [&str; 9] = [
     "prediction",
     "web_search_options",
     "reasoning_effort",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
 ];
 
 /// The same for the legacy completions API.
-const REFUSED_COMPLETION_FIELDS: [&str; 1] = ["suffix"];
+pub const REFUSED_COMPLETION_FIELDS: [&str; 7] = [
+    "suffix",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+];
 
 pub fn validate_chat(
     req: &ChatCompletionRequest,
@@ -263,7 +278,20 @@ fn generation(
 ) -> Result<ValidGeneration, ApiError> {
     let (params, asked_max_tokens) = sampling::sampling_params(fields, chat, limits.vocab_size)?;
     let cache_salt = cache_salt(limits, api_key, fields.cache_salt.as_deref())?;
-    let output_format = response_format::response_format(fields.response_format.as_ref())?;
+    let output_format = match (
+        response_format::response_format(fields.response_format.as_ref())?,
+        response_format::structured_outputs(fields.structured_outputs.as_ref())?,
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "`response_format` and `structured_outputs` cannot both ask for a format",
+                "structured_outputs",
+            ))
+        }
+        (Some(format), None) => Some((format, "response_format")),
+        (None, Some(format)) => Some((format, "structured_outputs")),
+        (None, None) => None,
+    };
     Ok(ValidGeneration {
         params,
         asked_max_tokens,
@@ -294,6 +322,10 @@ fn refuse_unsupported(
             Some(_) => {
                 let message = match *name {
                     "best_of" => "`best_of` is only supported equal to `n`".to_owned(),
+                    guided if guided.starts_with("guided_") => format!(
+                        "`{guided}` (vLLM's older form) is not supported: use `structured_outputs` \
+                         or `response_format`"
+                    ),
                     _ => format!("`{name}` is not supported by this server"),
                 };
                 return Err(ApiError::invalid(message, *name));

@@ -92,6 +92,8 @@ pub struct SamplingFields {
     pub user: Option<String>,
     /// `text`, `json_object` or `json_schema` (structured outputs), on both endpoints as vLLM.
     pub response_format: Option<serde_json::Value>,
+    /// vLLM's structured outputs: `json`, `regex`, `choice`, `grammar` or `json_object`.
+    pub structured_outputs: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
