@@ -9,13 +9,15 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+#[path = "step.rs"]
+mod step;
 #[path = "supervision.rs"]
 mod supervision;
 
 use super::batch_sampler::BatchSampler;
 use super::handle::StepFaultHook;
 use super::metrics::{add, set, EngineMetrics};
-use super::runner::{BatchEntry, ModelRunner};
+use super::runner::ModelRunner;
 use super::sampler::SequenceSampler;
 use super::EngineError;
 use crate::scheduler::{Scheduler, SeqId, SeqImage, Sequence};
@@ -66,7 +68,6 @@ struct SeqState {
 }
 
 pub(super) use supervision::Ended;
-use supervision::StepOutcome;
 
 pub(super) struct EngineCore {
     pub scheduler: Scheduler,
@@ -269,155 +270,6 @@ impl EngineCore {
         for id in gone {
             self.finish_request(id);
         }
-    }
-
-    fn step(&mut self) -> StepOutcome {
-        let step_started = Instant::now();
-        let out = self.scheduler.schedule();
-        let schedule_micros = step_started.elapsed().as_micros() as u64;
-        if out.is_empty() {
-            return StepOutcome::Done;
-        }
-        for s in &out.scheduled {
-            if let Some(q) = self.seqs.get(&s.seq_id) {
-                if !self.step_requests.contains(&q.request) {
-                    self.step_requests.push(q.request);
-                }
-            }
-        }
-        if let Some(hook) = &self.fault_hook {
-            let params: Vec<&SamplingParams> = self
-                .step_requests
-                .iter()
-                .map(|id| &self.requests[id].params)
-                .collect();
-            if (hook.0)(&params) {
-                panic!("injected step fault");
-            }
-        }
-        for s in &out.scheduled {
-            if let Some(req) = self
-                .seqs
-                .get(&s.seq_id)
-                .and_then(|q| self.requests.get_mut(&q.request))
-            {
-                if !req.scheduled {
-                    req.scheduled = true;
-                    req.usage.queue_time = step_started.saturating_duration_since(req.received);
-                }
-            }
-        }
-        let sampling: Vec<SeqId> = out
-            .scheduled
-            .iter()
-            .filter(|s| s.sample)
-            .map(|s| s.seq_id)
-            .collect();
-        let plan = self.sampler.plan(&sampling);
-        let batch: Vec<BatchEntry<'_>> = out
-            .scheduled
-            .iter()
-            .map(|s| {
-                let seq = self
-                    .scheduler
-                    .get(s.seq_id)
-                    .expect("scheduled sequences exist");
-                let state = &self.seqs[&s.seq_id];
-                let req = &self.requests[&state.request];
-                BatchEntry {
-                    scheduled: s,
-                    token_ids: &seq.token_ids,
-                    images: &req.images,
-                    pixels: &req.pixels,
-                    num_prompt_tokens: seq.num_prompt_tokens,
-                    prompt_logprobs: state.prompt_logprobs,
-                }
-            })
-            .collect();
-        // Grammar masks are computed while the model runs: they depend only on the tokens so far.
-        let (runner, sampler) = (&mut self.runner, &mut self.sampler);
-        let result = std::thread::scope(|scope| {
-            let masks = sampler
-                .has_constrained(&sampling)
-                .then(|| scope.spawn(|| sampler.prepare_masks(&sampling)));
-            let result = runner.execute(&batch, &plan);
-            if let Some(masks) = masks {
-                if let Err(panic) = masks.join() {
-                    std::panic::resume_unwind(panic);
-                }
-            }
-            result
-        });
-        drop(batch);
-        let step = match result {
-            Ok(step) => step,
-            Err(e) => return StepOutcome::Faulted(e.to_string()),
-        };
-
-        for scores in step.prompt_scores {
-            let id = out.scheduled[scores.entry].seq_id;
-            if let Some(state) = self.seqs.get_mut(&id) {
-                // A sequence recomputed after preemption scores its prompt again: keep one score
-                // per token.
-                for (i, lp) in scores.logprobs.into_iter().enumerate() {
-                    if scores.first + i == state.next_scored {
-                        state.prompt_scores.push(lp);
-                        state.next_scored += 1;
-                    }
-                }
-            }
-        }
-        let sample_started = Instant::now();
-        let mut sampled = Vec::with_capacity(sampling.len());
-        let mut logprobs = Vec::with_capacity(sampling.len());
-        let mut unsampleable = Vec::new();
-        for (id, s) in self.sampler.sample(&sampling, &plan, &step.logits) {
-            match s {
-                Ok(s) => {
-                    sampled.push((id, s.token_id));
-                    logprobs.push(s.logprobs);
-                }
-                Err(reason) => unsampleable.push((self.seqs[&id].request, reason)),
-            }
-        }
-        // A row no token could be chosen for fails its own request; the rest of the batch goes on.
-        for (id, reason) in unsampleable {
-            tracing::error!(
-                request = id,
-                reason,
-                "no token could be sampled; failing the request"
-            );
-            self.fail_request(id, &reason);
-        }
-        let sample_micros = sample_started.elapsed().as_micros() as u64;
-
-        let update_started = Instant::now();
-        self.scheduler.update(&out, &sampled);
-        // Counted before the tokens go out, so a reader that has the answer sees them counted.
-        add(&self.metrics.generated_tokens, sampling.len() as u64);
-        for ((id, token), lp) in sampled.into_iter().zip(logprobs) {
-            self.emit(id, token, lp);
-        }
-        let m = &self.metrics;
-        add(&m.steps, 1);
-        add(&m.fixed_decode_steps, step.fixed_shape as u64);
-        add(
-            &m.tokens_chosen_in_place,
-            (plan.device.len() - plan.host_rows.len()) as u64,
-        );
-        add(&m.schedule_micros, schedule_micros);
-        add(&m.prepare_micros, step.prepare_micros);
-        add(&m.forward_micros, step.forward_micros);
-        add(&m.sample_micros, sample_micros);
-        add(
-            &m.update_micros,
-            update_started.elapsed().as_micros() as u64,
-        );
-        add(&m.images_encoded, step.images.encoded);
-        add(&m.image_cache_hits, step.images.cache_hits);
-        add(&m.image_encode_micros, step.images.encode_micros);
-        add(&m.step_micros, step_started.elapsed().as_micros() as u64);
-        StepOutcome::Done
     }
 
     /// Sends a sampled token to its request and finishes the sequence when it should stop.
