@@ -128,16 +128,7 @@ async fn a_streamed_echo_carries_the_prompt_scores_first() {
     let case = &cases()[1];
     let prompt = case["prompt"].as_str().unwrap();
     let body = request(prompt, 2, json!({"stream": true}));
-    let text = t
-        .client
-        .post(format!("{}/v1/completions", t.base))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = post_for_text(&t, "/v1/completions", &body).await;
     let chunks: Vec<Value> = sse_data(&text)
         .iter()
         .filter(|d| *d != "[DONE]")

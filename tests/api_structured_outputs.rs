@@ -76,16 +76,7 @@ async fn answers_follow_the_schema_greedy_sampled_and_streamed() {
     let mut body = image_chat(json!({"stream": true, "temperature": 1.0, "seed": 3}));
     body["max_tokens"] = json!(120);
     body["response_format"] = person_format();
-    let text = t
-        .client
-        .post(format!("{}/v1/chat/completions", t.base))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = post_for_text(&t, "/v1/chat/completions", &body).await;
     let mut joined = String::new();
     for data in sse_data(&text) {
         if data == "[DONE]" {

@@ -12,6 +12,7 @@ use super::validate::response_format::MAX_SCHEMA_NAME;
 use super::validate::{
     FRACTION_BOUNDS, IMAGE_DETAILS, MAX_LOGIT_BIAS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, REFUSED_CHAT_FIELDS, REFUSED_COMPLETION_FIELDS,
+    REFUSED_GUIDED_FIELDS,
 };
 
 fn nullable(schema: Value) -> Value {
@@ -237,7 +238,7 @@ fn messages_schema() -> Value {
 pub fn chat_request() -> Value {
     let mut p = generation_properties(true);
     p.insert("messages".into(), messages_schema());
-    for field in REFUSED_CHAT_FIELDS {
+    for field in REFUSED_CHAT_FIELDS.iter().chain(&REFUSED_GUIDED_FIELDS) {
         p.insert(
             (*field).into(),
             unsupported("Not supported: any value but null is a 400."),
@@ -271,9 +272,12 @@ pub fn completion_request() -> Value {
     p.insert("max_tokens".into(), nullable(budget.clone()));
     p.insert("max_completion_tokens".into(), nullable(budget));
     p.insert("echo".into(), nullable(json!({"type": "boolean", "description": "The prompt's text first; with `logprobs`, its tokens scored too (the first one `null`)."})));
-    for field in REFUSED_COMPLETION_FIELDS {
+    for field in REFUSED_COMPLETION_FIELDS
+        .iter()
+        .chain(&REFUSED_GUIDED_FIELDS)
+    {
         p.insert(
-            field.into(),
+            (*field).into(),
             unsupported("Not supported: any value but null is a 400."),
         );
     }

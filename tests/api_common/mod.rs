@@ -179,15 +179,23 @@ pub async fn post(
     path: &str,
     body: &serde_json::Value,
 ) -> (u16, serde_json::Value) {
-    let r = t
-        .client
+    let r = send_json(t, path, body).await;
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+async fn send_json(t: &TestServer, path: &str, body: &serde_json::Value) -> reqwest::Response {
+    t.client
         .post(format!("{}{path}", t.base))
         .json(body)
         .send()
         .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
+        .unwrap()
+}
+
+/// POSTs `body` as JSON; the answer's body as text (an SSE stream read to its end).
+pub async fn post_for_text(t: &TestServer, path: &str, body: &serde_json::Value) -> String {
+    send_json(t, path, body).await.text().await.unwrap()
 }
 
 /// The status `/health` answers now.

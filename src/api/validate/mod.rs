@@ -84,7 +84,7 @@ pub const IMAGE_DETAILS: [&str; 3] = ["auto", "low", "high"];
 /// Fields OpenAI's chat API defines that this server does not implement. Sent with any value but
 /// `null` (or the value that asks for what the server does anyway), they get a 400 naming them:
 /// a client that relies on one must not get a 200 that silently ignored it.
-pub const REFUSED_CHAT_FIELDS: [&str; 15] = [
+pub const REFUSED_CHAT_FIELDS: [&str; 9] = [
     "tools",
     "parallel_tool_calls",
     "functions",
@@ -94,17 +94,15 @@ pub const REFUSED_CHAT_FIELDS: [&str; 15] = [
     "prediction",
     "web_search_options",
     "reasoning_effort",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "guided_decoding_backend",
-    "guided_whitespace_pattern",
 ];
 
 /// The same for the legacy completions API.
-pub const REFUSED_COMPLETION_FIELDS: [&str; 7] = [
-    "suffix",
+pub const REFUSED_COMPLETION_FIELDS: [&str; 1] = ["suffix"];
+
+/// vLLM's older structured-output fields, refused on both endpoints (`structured_outputs` and
+/// `response_format` are served): ignoring them would give free text to a client that asked for
+/// a format.
+pub const REFUSED_GUIDED_FIELDS: [&str; 6] = [
     "guided_json",
     "guided_regex",
     "guided_choice",
@@ -315,7 +313,11 @@ fn refuse_unsupported(
         _ => false,
     };
     let always = ["tool_choice", "best_of"];
-    for name in refused.iter().chain(always.iter()) {
+    for name in refused
+        .iter()
+        .chain(&REFUSED_GUIDED_FIELDS)
+        .chain(always.iter())
+    {
         match other.get(*name) {
             None | Some(Value::Null) => {}
             Some(value) if harmless(name, value) => {}
