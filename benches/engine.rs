@@ -98,6 +98,7 @@ fn wait_for(engine: &EngineHandle, what: impl Fn(&MetricsSnapshot) -> bool) {
 }
 
 fn main() {
+    llava_server::model::fix_cpu_thread_count();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
     let checkpoint = resolve_checkpoint(dir.to_str().unwrap()).unwrap();
     let config = LlavaConfig::from_file(&checkpoint.file("config.json")).unwrap();

@@ -204,6 +204,7 @@ mod device_checks;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    llava_server::model::fix_cpu_thread_count();
     let args = Args::parse();
     if args.check {
         #[cfg(feature = "cuda")]

@@ -18,6 +18,8 @@ use llava_server::model::{load_model, parse_device, parse_dtype};
 use llava_server::types::SamplingParams;
 
 fn main() {
+    // Before the async runtime and any thread pool start.
+    llava_server::model::fix_cpu_thread_count();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -87,6 +87,19 @@ fn dummy_assets() -> std::path::PathBuf {
 /// Loads a model for serving or generation: `spec` is a checkpoint (folder or hub id), or with
 /// `LoadFormat::Dummy` also a built-in shape name. Returns the model, its config and the folder that
 /// holds the tokenizer and processor files.
+/// Fixes the CPU thread count candle's matrix products use, once, before any thread starts.
+///
+/// candle asks for it on every CPU matmul, and unless `RAYON_NUM_THREADS` is set it counts the
+/// physical cores anew each time, which reads and parses `/proc/cpuinfo` (≈ 37 µs here, hundreds of
+/// times per decode step). Setting the variable to the count candle would find keeps its choice and
+/// makes the lookup an environment read. A count the user set is kept.
+pub fn fix_cpu_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}
+
 pub fn load_model(
     spec: &str,
     format: LoadFormat,
