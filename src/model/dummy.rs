@@ -6,15 +6,37 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
 /// Names of the built-in shapes accepted in place of a checkpoint with `--load-format dummy`.
-pub const BUILTIN_SHAPES: &[&str] = &["llava-1.5-7b", "llava-1.5-13b"];
+pub const BUILTIN_SHAPES: &[&str] = &["llava-1.5-7b", "llava-1.5-13b", "llava-mid"];
 
-/// The hub config of a built-in shape (llava-hf/llava-1.5-{7b,13b}-hf, sparse as on the hub).
+/// Decoder and vision tower sizes of a built-in shape.
+struct Shapes {
+    text: (usize, usize, usize, usize),
+    /// (hidden, intermediate, layers, heads, projection_dim, activation)
+    vision: (usize, usize, usize, usize, usize, &'static str),
+}
+
+/// The hub config of a built-in shape: llava-hf/llava-1.5-{7b,13b}-hf, sparse as on the hub, and
+/// `llava-mid`, the 307.6 M-parameter checkpoint the CPU speed comparisons use (CLIP-B-sized vision
+/// tower at 336 px, a 12-layer 1024-wide LLaMA).
 pub fn builtin_config(name: &str) -> Option<String> {
-    let (hidden, intermediate, layers, heads) = match name {
-        "llava-1.5-7b" => (4096, 11008, 32, 32),
-        "llava-1.5-13b" => (5120, 13824, 40, 40),
+    let clip_large = (1024, 4096, 24, 16, 768, "quick_gelu");
+    let shapes = match name {
+        "llava-1.5-7b" => Shapes {
+            text: (4096, 11008, 32, 32),
+            vision: clip_large,
+        },
+        "llava-1.5-13b" => Shapes {
+            text: (5120, 13824, 40, 40),
+            vision: clip_large,
+        },
+        "llava-mid" => Shapes {
+            text: (1024, 2816, 12, 16),
+            vision: (768, 3072, 12, 12, 512, "quick_gelu"),
+        },
         _ => return None,
     };
+    let (hidden, intermediate, layers, heads) = shapes.text;
+    let (v_hidden, v_intermediate, v_layers, v_heads, projection, act) = shapes.vision;
     Some(format!(
         r#"{{
   "model_type": "llava", "image_token_index": 32000, "pad_token_id": 32001, "projector_hidden_act": "gelu",
@@ -23,9 +45,9 @@ pub fn builtin_config(name: &str) -> Option<String> {
   "text_config": {{"model_type": "llama", "hidden_size": {hidden}, "intermediate_size": {intermediate},
     "num_hidden_layers": {layers}, "num_attention_heads": {heads}, "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-05, "vocab_size": 32064}},
-  "vision_config": {{"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
-    "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14,
-    "projection_dim": 768}}
+  "vision_config": {{"model_type": "clip_vision_model", "hidden_size": {v_hidden}, "image_size": 336,
+    "intermediate_size": {v_intermediate}, "num_attention_heads": {v_heads}, "num_hidden_layers": {v_layers},
+    "patch_size": 14, "projection_dim": {projection}, "hidden_act": "{act}"}}
 }}"#
     ))
 }
@@ -97,6 +119,9 @@ mod tests {
         let p13 = params("llava-1.5-13b") as f64 / 1e9;
         assert!((p7 - 7.06).abs() < 0.02, "{p7}");
         assert!((p13 - 13.35).abs() < 0.03, "{p13}");
+        // The CPU comparisons' mid checkpoint: 307.6 M parameters.
+        let mid = params("llava-mid") as f64 / 1e6;
+        assert!((mid - 307.6).abs() < 0.1, "{mid}");
         assert!(builtin_config("llava-2").is_none());
     }
 }
