@@ -17,7 +17,8 @@ use super::wire::{
 use crate::engine::RequestStream;
 use crate::frontend::ChoiceText;
 use crate::types::{
-    FinishReason, ProcessedImage, SamplingParams, StepLogprobs, TokenEvent, TokenizedPrompt,
+    FinishReason, ProcessedImage, SamplingParams, StepLogprobs, TokenConstraint, TokenEvent,
+    TokenizedPrompt,
 };
 
 /// A request ready for the engine.
@@ -110,13 +111,14 @@ pub async fn prepare_chat(
     let model = state.served()?;
     let valid = validate_chat(req, &state.limits(model), client_key)?;
     let (in_flight, _preparing) = admit_and_wait(state).await?;
+    let constraint = compile_output_format(model, &valid.generation).await?;
     let images = load_images(state, model, valid.image_urls).await?;
     let builder = model.builder.clone();
     let messages = valid.messages;
     let prompt = tokio::task::spawn_blocking(move || builder.build(&messages, images))
         .await
         .map_err(|e| ApiError::internal(format!("tokenizer worker failed: {e}")))??;
-    finish_preparing(model, prompt, valid.generation, in_flight).await
+    finish_preparing(model, prompt, valid.generation, constraint, in_flight)
 }
 
 /// Admission and tokenization of one prompt of a validated completion request (no images, no
@@ -128,6 +130,7 @@ pub async fn prepare_completion(
 ) -> Result<Prepared, ApiError> {
     let model = state.served()?;
     let (in_flight, _preparing) = admit_and_wait(state).await?;
+    let constraint = compile_output_format(model, generation).await?;
     let tokenized = match prompt {
         CompletionPrompt::Ids(ids) => TokenizedPrompt {
             token_ids: ids.clone(),
@@ -143,15 +146,34 @@ pub async fn prepare_completion(
                 .map_err(|e| ApiError::internal(format!("tokenizer worker failed: {e}")))??
         }
     };
-    finish_preparing(model, tokenized, generation.clone(), in_flight).await
+    finish_preparing(model, tokenized, generation.clone(), constraint, in_flight)
 }
 
-/// The tokenized prompt checked against the context, salted and paired with its parameters (with
-/// the response format's grammar, compiled off the async runtime unless it is cached).
-async fn finish_preparing(
+/// The response format's grammar, compiled off the async runtime (or taken from the cache), first
+/// of the admitted work: a format that cannot compile is refused before any image is fetched or
+/// any text tokenized.
+async fn compile_output_format(
+    model: &ServedModel,
+    generation: &ValidGeneration,
+) -> Result<Option<TokenConstraint>, ApiError> {
+    let Some((format, field)) = generation.output_format.clone() else {
+        return Ok(None);
+    };
+    let structured = model.structured.clone();
+    let constraint = tokio::task::spawn_blocking(move || structured.compile(&format))
+        .await
+        .map_err(|e| ApiError::internal(format!("grammar worker failed: {e}")))?
+        .map_err(|e| ApiError::invalid(e.to_string(), field))?;
+    Ok(Some(constraint))
+}
+
+/// The tokenized prompt checked against the context, salted and paired with its parameters and
+/// its response format's grammar.
+fn finish_preparing(
     model: &ServedModel,
     mut prompt: TokenizedPrompt,
     generation: ValidGeneration,
+    constraint: Option<TokenConstraint>,
     in_flight: InFlight,
 ) -> Result<Prepared, ApiError> {
     let mut params = generation.params;
@@ -162,14 +184,7 @@ async fn finish_preparing(
         prompt.token_ids.len(),
     )?;
     prompt.cache_salt = generation.cache_salt;
-    if let Some((format, field)) = generation.output_format {
-        let structured = model.structured.clone();
-        let constraint = tokio::task::spawn_blocking(move || structured.compile(&format))
-            .await
-            .map_err(|e| ApiError::internal(format!("grammar worker failed: {e}")))?
-            .map_err(|e| ApiError::invalid(e.to_string(), field))?;
-        params.constraint = Some(constraint);
-    }
+    params.constraint = constraint;
     Ok(Prepared {
         prompt,
         params,

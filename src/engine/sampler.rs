@@ -80,11 +80,6 @@ impl SequenceSampler {
         }
     }
 
-    /// Greedy with nothing that needs the logits on the host.
-    pub fn is_plain_greedy(&self) -> bool {
-        self.params.temperature <= 0.0 && !self.needs_host_logits()
-    }
-
     /// Logprobs, bias, penalties or a grammar: the whole row of logits is read or changed on the host.
     fn needs_host_logits(&self) -> bool {
         let p = &self.params;
@@ -202,7 +197,7 @@ impl SequenceSampler {
 
 /// Removes (sets to -inf) every token whose bit is clear in `allowed` (bit `t % 32` of word `t / 32`),
 /// and every token past its end.
-pub fn apply_mask(logits: &mut [f32], allowed: &[u32]) {
+fn apply_mask(logits: &mut [f32], allowed: &[u32]) {
     for (t, l) in logits.iter_mut().enumerate() {
         let on = allowed.get(t / 32).is_some_and(|w| w >> (t % 32) & 1 == 1);
         if !on {

@@ -212,7 +212,8 @@ fn a_vanishing_temperature_is_greedy() {
     // logits / 1e-38 would overflow f32 to +inf for every positive logit; it must stay the argmax.
     let p = params(|p| p.temperature = 1e-38);
     let mut s = SequenceSampler::new(&p, &[], 0);
-    assert!(s.is_plain_greedy());
+    // Greedy where the logits are: the argmax (temperature 0), no seed taken.
+    assert!(s.runs_on_device() && s.device_params() == (0.0, 0));
     assert_eq!(s.sample(&[0.5, 2.0, 1.0]).unwrap().token_id, 1);
 }
 
