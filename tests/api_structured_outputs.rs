@@ -196,8 +196,7 @@ async fn bad_formats_and_schemas_are_400s_naming_response_format() {
     // The format is compiled before any image is fetched: an image the server would refuse to
     // fetch (a private address) is never reached.
     let mut body = chat_with_image("http://10.0.0.1/cat.png", "hi");
-    body["response_format"] =
-        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}});
+    body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}});
     let (status, answer) = post(&t, "/v1/chat/completions", &body).await;
     assert_eq!(status, 400, "{answer}");
     assert_eq!(answer["error"]["param"], "response_format", "{answer}");
