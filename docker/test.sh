@@ -4,10 +4,11 @@
 #   run      `docker run` of it answers a chat request with HF's text (whole and streamed), the
 #            HEALTHCHECK turns healthy, the server runs as non-root, and `docker stop` drains an
 #            in-flight stream (complete, exact) and exits 0
+#   single   compose.yaml's single profile (CPU variant, fixture mounted) answers HF's text
 #   rolling  compose.yaml's scale-out profile (3 replicas behind nginx, CPU variant) under a streaming
 #            load: every replica in turn stopped and started again; zero failed or inexact answers
 #   cuda     the CUDA image builds (Dockerfile.cuda); only a GPU host can run it
-# Usage: docker/test.sh [image] [run] [rolling] [cuda]   (default: image run rolling)
+# Usage: docker/test.sh [image] [run] [single] [rolling] [cuda]   (default: image run single rolling)
 # Skips (exit 0, with the reason) when no Docker daemon answers. Base images are pulled, or made
 # locally by docker/stand-ins/make.sh where no registry is reachable. DOCKER_CPUSET limits the builds'
 # CPUs (e.g. 1); EXTRA_CA_CERT is passed on to the builds (see build.sh).
@@ -18,7 +19,7 @@ if ! docker info >/dev/null 2>&1; then
 fi
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(image run rolling)
+steps=("$@"); [[ ${#steps[@]} -gt 0 ]] || steps=(image run single rolling)
 port=${TEST_PORT:-18411}
 lb_port=${TEST_LB_PORT:-18500}
 build_opts=(--network host); [[ -n ${DOCKER_CPUSET:-} ]] && build_opts+=(--cpuset-cpus "$DOCKER_CPUSET")
@@ -75,10 +76,11 @@ step_run() {
   docker logs "$name" 2>&1 | grep -iE 'shutting down|timeout' | sed 's/^/  server log: /'
 }
 
-step_rolling() {
-  local nginx; nginx=$(pick nginx:1.27-bookworm llava-stand-in/nginx:bookworm nginx)
-  # CPU variant of compose.yaml: the same file without its GPU reservation, plus the fixture mounted.
-  local variant=docker/.compose-cpu-test.yaml override=docker/.compose-cpu-test.override.yaml
+# compose.yaml's CPU variant (the same file without its GPU reservation) plus an override that mounts
+# the fixture into SERVICES; sets the caller's `dc` to the docker-compose command for PROJECT.
+cpu_compose() {  # cpu_compose PROJECT SERVICES...
+  local project=$1; shift
+  local variant=docker/.compose-$project.yaml override=docker/.compose-$project.override.yaml
   python3 - docker/compose.yaml "$variant" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
@@ -86,23 +88,36 @@ text, n = re.subn(r"\n  deploy:\n(?:    .*\n)+", "\n", text)
 assert n == 1, "compose.yaml's GPU reservation block not found"
 open(sys.argv[2], "w").write(text)
 PY
-  cat >"$override" <<YAML
-x-test: &test
-  volumes: ["$root/tests/fixtures/tiny:/models/tiny:ro"]
-services:
-  replica-1: *test
-  replica-2: *test
-  replica-3: *test
-YAML
-  local dc=(docker-compose -p llava-rolling -f "$variant" -f "$override")
+  { echo "x-test: &test"; echo "  volumes: [\"$root/tests/fixtures/tiny:/models/tiny:ro\"]"; echo "services:"
+    for svc in "$@"; do echo "  $svc: *test"; done; } >"$override"
+  cleanups+=("rm -f $variant $override")
+  dc=(docker-compose -p "$project" -f "$variant" -f "$override")
   if ! command -v docker-compose >/dev/null; then
-    docker compose version >/dev/null 2>&1 || { log "rolling: skipped: neither docker-compose nor docker compose"; return 0; }
-    dc=(docker compose -p llava-rolling -f "$variant" -f "$override")
+    docker compose version >/dev/null 2>&1 || return 1
+    dc=(docker compose -p "$project" -f "$variant" -f "$override")
   fi
   export LLAVA_IMAGE=llava-server:cpu MODEL=/models/tiny LLAVA_SERVER_SERVED_MODEL_NAME=tiny-llava \
-    LLAVA_SERVER_NUM_KV_BLOCKS=400 LLAVA_SERVER_DEVICE=cpu \
-    LLAVA_SERVER_DTYPE=f32 NGINX_IMAGE=$nginx PORT=$lb_port
-  cleanups+=("${dc[*]} --profile scale-out down -v" "rm -f $variant $override")
+    LLAVA_SERVER_NUM_KV_BLOCKS=400 LLAVA_SERVER_DEVICE=cpu LLAVA_SERVER_DTYPE=f32
+}
+
+step_single() {
+  local dc
+  cpu_compose llava-single llava-server || { log "single: skipped: neither docker-compose nor docker compose"; return 0; }
+  export PORT=$lb_port
+  cleanups+=("${dc[*]} --profile single down -v")
+  "${dc[@]}" --profile single up -d 2>&1 | tail -3
+  wait_healthy "$("${dc[@]}" ps -a -q llava-server)" 180
+  "${client[@]}" chat "http://127.0.0.1:$lb_port"
+  "${dc[@]}" --profile single down -v 2>&1 | tail -1
+}
+
+step_rolling() {
+  local nginx; nginx=$(pick nginx:1.27-bookworm llava-stand-in/nginx:bookworm nginx)
+  local dc
+  cpu_compose llava-rolling replica-1 replica-2 replica-3 \
+    || { log "rolling: skipped: neither docker-compose nor docker compose"; return 0; }
+  export NGINX_IMAGE=$nginx PORT=$lb_port
+  cleanups+=("${dc[*]} --profile scale-out down -v")
   "${dc[@]}" --profile scale-out up -d 2>&1 | tail -5
   replica() { "${dc[@]}" ps -a -q "replica-$1"; }  # container id (compose v1 and v2 name them differently)
   for r in 1 2 3; do wait_healthy "$(replica $r)" 180; done

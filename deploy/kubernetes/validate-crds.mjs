@@ -4,10 +4,12 @@
 import { createInterface } from "node:readline";
 import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";
 import { HTTPRoute } from "@kubernetes-models/gateway-api/gateway.networking.k8s.io/v1/HTTPRoute";
+import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
 
 const models = {
   "monitoring.coreos.com/v1/ServiceMonitor": ServiceMonitor,
   "gateway.networking.k8s.io/v1/HTTPRoute": HTTPRoute,
+  "keda.sh/v1alpha1/ScaledObject": ScaledObject,
 };
 let failed = false;
 for await (const line of createInterface({ input: process.stdin })) {

@@ -2,8 +2,8 @@
 """Renders every overlay with `kubectl kustomize` and validates each object offline:
 - built-in kinds against the Kubernetes OpenAPI schemas of the `kubernetes-validate` package (strict:
   unknown fields are errors);
-- ServiceMonitor and HTTPRoute against the schemas the @kubernetes-models npm packages generate from
-  the Prometheus Operator and Gateway API CRDs (validate-crds.mjs);
+- ServiceMonitor, HTTPRoute and ScaledObject against the schemas the @kubernetes-models npm packages
+  generate from the Prometheus Operator, Gateway API and KEDA CRDs (validate-crds.mjs);
 - InferencePool, for which no registry package carries a schema, and the whole deployment by the
   invariants that hold it together (selectors select the pods, ports and names line up, the grace
   period outlasts preStop + the drain, the metric names the HPA and the endpoint picker read are ones
@@ -25,8 +25,9 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 K8S_VERSION = "1.33.0"
-OVERLAYS = ["cpu", "gpu", "inference-gateway"]
-CRD_KINDS = {"monitoring.coreos.com/v1/ServiceMonitor", "gateway.networking.k8s.io/v1/HTTPRoute"}
+OVERLAYS = ["cpu", "gpu", "inference-gateway", "keda"]
+CRD_KINDS = {"monitoring.coreos.com/v1/ServiceMonitor", "gateway.networking.k8s.io/v1/HTTPRoute",
+             "keda.sh/v1alpha1/ScaledObject"}
 failures = []
 
 
@@ -75,6 +76,30 @@ def matches(selector, labels):
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+def autoscaler(p, by, metric_names):
+    """Exactly one autoscaler (the base's HPA, or KEDA's ScaledObject that replaces it) scales the
+    Deployment on a metric the server exports."""
+    hpa = by.get(("HorizontalPodAutoscaler", "llava-server"))
+    scaled = by.get(("ScaledObject", "llava-server"))
+    check((hpa is None) != (scaled is None), f"{p} exactly one autoscaler (HPA or KEDA ScaledObject)")
+    if hpa is not None:
+        check(hpa["spec"]["scaleTargetRef"]["name"] == "llava-server", f"{p} HPA scales the Deployment")
+        hpa_metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+        check(hpa_metric in metric_names, f"{p} HPA metric {hpa_metric} is exported by the server")
+    if scaled is not None:
+        target = scaled["spec"]["scaleTargetRef"]
+        check((target.get("kind", "Deployment"), target["name"]) == ("Deployment", "llava-server"),
+              f"{p} ScaledObject scales the Deployment")
+        trigger = scaled["spec"]["triggers"][0]
+        query = trigger["metadata"]["query"]
+        used = set(re.findall(r"\b((?:llava_|vllm:)[a-z0-9_:]+)", query))
+        check(trigger["type"] == "prometheus" and used and used <= metric_names,
+              f"{p} ScaledObject queries {sorted(used)}, exported by the server")
+        svc_label = re.search(r'service="([^"]+)"', query)
+        check(svc_label is not None and ("Service", svc_label.group(1)) in by,
+              f"{p} ScaledObject query selects the scraped Service's series")
+
+
 def invariants(overlay, objs, metric_names):
     by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
     dep = by[("Deployment", "llava-server")]
@@ -104,10 +129,7 @@ def invariants(overlay, objs, metric_names):
     sm = by[("ServiceMonitor", "llava-server")]
     check(matches(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"]), f"{p} ServiceMonitor selects the Service")
     check(sm["spec"]["endpoints"][0]["port"] in {x["name"] for x in svc["spec"]["ports"]}, f"{p} ServiceMonitor port is the Service's")
-    hpa = by[("HorizontalPodAutoscaler", "llava-server")]
-    check(hpa["spec"]["scaleTargetRef"]["name"] == "llava-server", f"{p} HPA scales the Deployment")
-    hpa_metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    check(hpa_metric in metric_names, f"{p} HPA metric {hpa_metric} is exported by the server")
+    autoscaler(p, by, metric_names)
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     claim = next(v for v in pod["spec"]["volumes"] if v["name"] == "model-cache")["persistentVolumeClaim"]["claimName"]
     check(("PersistentVolumeClaim", claim) in by and mounts["model-cache"] == env["HF_HOME"], f"{p} model cache PVC mounted at HF_HOME")
@@ -178,6 +200,9 @@ def main():
     sm = copy.deepcopy(next(o for o in objs if o["kind"] == "ServiceMonitor"))
     sm["spec"]["endpoints"][0]["interval"] = "15 seconds"
     check(all(not line.startswith("OK") for line in crd_results(node_modules, [sm])), "control: a malformed ServiceMonitor is rejected")
+    so = copy.deepcopy(next(o for o in render(kubectl, "keda") if o["kind"] == "ScaledObject"))
+    so["spec"]["minReplicaCount"] = "two"
+    check(all(not line.startswith("OK") for line in crd_results(node_modules, [so])), "control: a malformed ScaledObject is rejected")
     print(f"kubernetes manifests: {len(failures)} checks failed")
     sys.exit(1 if failures else 0)
 
