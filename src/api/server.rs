@@ -110,6 +110,9 @@ pub async fn spawn(
     let watched_state = state.clone();
     let timeout = opts.shutdown_timeout;
     let task = tokio::spawn(async move {
+        // Dropped when this task ends, that is when the server has drained: the deadline below
+        // then stands down instead of ending a process that outlives this server (tests run many).
+        let (_drained, drained) = tokio::sync::oneshot::channel::<()>();
         let graceful = async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
@@ -119,7 +122,10 @@ pub async fn spawn(
             // In-flight requests get `timeout`; after that the process leaves regardless, and says
             // with its exit status that requests were cut off.
             tokio::spawn(async move {
-                tokio::time::sleep(timeout).await;
+                tokio::select! {
+                    _ = drained => return,
+                    () = tokio::time::sleep(timeout) => {}
+                }
                 // Logging must not stand between the timeout and the exit (a closed log pipe can
                 // make the write fail).
                 let _ = std::panic::catch_unwind(|| {
