@@ -3,9 +3,12 @@
 //! `AttentionMetadata` is the explicit contract between the engine's runner and the model: where each
 //! sequence's new tokens sit in the flattened batch, how long its context is, and which cache slots hold
 //! it. `paged_attention` is the CPU reference path (HF's eager attention, softmax in f32); GPU kernels
-//! plug in behind the same function and are checked against it.
+//! plug in behind the same function and are checked against it. On f32 CPU caches its decode queries
+//! read the cache in place (`decode_attention`), the same arithmetic without the gather.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
+
+use super::decode_attention::{decode_attention_in_place, DecodeQuery, Heads};
 
 /// One sequence's part of a step.
 #[derive(Debug, Clone)]
@@ -16,8 +19,10 @@ pub struct SequenceAttention {
     pub query_len: usize,
     /// Tokens whose K/V exist once this step has written its own: cached prefix + new tokens.
     pub context_len: usize,
-    /// Cache slot of each of the `context_len` positions, in order.
+    /// Cache slot of each of the `context_len` positions, in order (as a tensor for the gather).
     context_slots: Tensor,
+    /// The same slots on the host, for the in-place decode path.
+    slots: Vec<u32>,
     /// `[query_len, context_len]` additive causal mask (0 or -inf), f32; `None` when every query sees
     /// every key (a single decode token).
     causal_mask: Option<Tensor>,
@@ -117,7 +122,8 @@ impl AttentionMetadata {
                     query_start,
                     query_len: step.num_new,
                     context_len,
-                    context_slots: Tensor::new(context_slots, device)?,
+                    context_slots: Tensor::new(context_slots.as_slice(), device)?,
+                    slots: context_slots,
                     causal_mask,
                 });
             }
@@ -233,8 +239,47 @@ pub fn paged_attention(
 ) -> candle_core::Result<Tensor> {
     let (_, heads, head_dim) = queries.dims3()?;
     let groups = heads / num_kv_heads;
+    // Decoding sequences read their context in place (f32 CPU caches); the rest gather it below.
+    let decodes: Vec<DecodeQuery<'_>> = meta
+        .sequences
+        .iter()
+        .filter(|s| s.query_len == 1)
+        .map(|s| DecodeQuery {
+            token: s.query_start,
+            slots: &s.slots,
+        })
+        .collect();
+    let shape = Heads {
+        heads,
+        kv_heads: num_kv_heads,
+        head_dim,
+    };
+    let in_place = match decodes.is_empty() {
+        true => None,
+        false => decode_attention_in_place(
+            queries,
+            key_cache,
+            value_cache,
+            &decodes,
+            shape,
+            scale as f32,
+        )?
+        .map(|rows| Tensor::from_vec(rows, (decodes.len(), heads * head_dim), queries.device()))
+        .transpose()?,
+    };
+    if let Some(rows) = &in_place {
+        if decodes.len() == meta.sequences.len() {
+            return Ok(rows.clone());
+        }
+    }
+    let mut next_decode = 0;
     let mut outputs = Vec::with_capacity(meta.sequences.len());
     for seq in &meta.sequences {
+        if let (Some(rows), 1) = (&in_place, seq.query_len) {
+            outputs.push(rows.narrow(0, next_decode, 1)?);
+            next_decode += 1;
+            continue;
+        }
         let q_len = seq.query_len;
         let ctx = seq.context_len;
         // [q_len, heads, d] -> [kv_heads, groups * q_len, d]: heads sharing a kv head are adjacent.
@@ -280,6 +325,8 @@ pub fn full_attention(
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
+    // The fused, parallel softmax: the composed one made five passes (and allocations) over the
+    // `heads × tokens²` scores and was most of CLIP's time on the CPU.
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
     probs.matmul(v)
 }

@@ -11,9 +11,8 @@ use super::layers::{activate, layer_norm, Linear};
 
 struct EncoderLayer {
     layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v projections stacked: one GEMM instead of three.
+    qkv_proj: Linear,
     out_proj: Linear,
     layer_norm2: LayerNorm,
     fc1: Linear,
@@ -29,9 +28,15 @@ impl EncoderLayer {
         let mlp = vb.pp("mlp");
         Ok(Self {
             layer_norm1: layer_norm(vb.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
-            q_proj: Linear::load(attn.pp("q_proj"), d, d, true)?,
-            k_proj: Linear::load(attn.pp("k_proj"), d, d, true)?,
-            v_proj: Linear::load(attn.pp("v_proj"), d, d, true)?,
+            qkv_proj: Linear::load_merged(
+                &[
+                    (attn.pp("q_proj"), d),
+                    (attn.pp("k_proj"), d),
+                    (attn.pp("v_proj"), d),
+                ],
+                d,
+                true,
+            )?,
             out_proj: Linear::load(attn.pp("out_proj"), d, d, true)?,
             layer_norm2: layer_norm(vb.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
             fc1: Linear::load(mlp.pp("fc1"), d, cfg.intermediate_size, true)?,
@@ -46,17 +51,14 @@ impl EncoderLayer {
         let (b, t, d) = x.dims3()?;
         let head_dim = d / self.heads;
         let h = self.layer_norm1.forward(x)?;
-        let split = |p: &Linear| -> candle_core::Result<Tensor> {
-            p.forward(&h)?
+        let qkv = self.qkv_proj.forward(&h)?;
+        let split = |part: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, part * d, d)?
                 .reshape((b, t, self.heads, head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (q, k, v) = (
-            split(&self.q_proj)?,
-            split(&self.k_proj)?,
-            split(&self.v_proj)?,
-        );
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let attn = full_attention(&q, &k, &v, (head_dim as f64).powf(-0.5))?
             .transpose(1, 2)?
             .reshape((b, t, d))?;

@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
+use super::small_gemm;
 
 /// `y = x Wᵀ (+ b)` for `x` of any rank; weights as stored by PyTorch (`[out, in]`).
 #[derive(Debug, Clone)]
@@ -59,19 +60,29 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let out = match x.rank() {
-            2 => x.matmul(&self.weight.t()?)?,
+            2 => self.matmul_2d(x)?,
             _ => {
                 let dims = x.dims();
                 let rows: usize = dims[..dims.len() - 1].iter().product();
                 let flat = x.reshape((rows, dims[dims.len() - 1]))?;
                 let mut out_dims = dims.to_vec();
                 *out_dims.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
-                flat.matmul(&self.weight.t()?)?.reshape(out_dims)?
+                self.matmul_2d(&flat)?.reshape(out_dims)?
             }
         };
         match &self.bias {
             Some(b) => out.broadcast_add(b),
             None => Ok(out),
+        }
+    }
+}
+
+impl Linear {
+    /// Decode-sized f32 inputs on the CPU stream the weights once (`small_gemm`); the rest is a GEMM.
+    fn matmul_2d(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match small_gemm::linear(x, &self.weight)? {
+            Some(out) => Ok(out),
+            None => x.matmul(&self.weight.t()?),
         }
     }
 }

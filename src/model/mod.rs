@@ -8,6 +8,7 @@ pub mod clip;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda_graph;
+pub mod decode_attention;
 pub mod dummy;
 pub mod hub;
 pub mod kv_cache;
@@ -16,6 +17,7 @@ pub mod llama;
 pub mod llava;
 pub mod projector;
 pub mod sampling;
+pub mod small_gemm;
 pub mod static_decode;
 
 pub use attention::{AttentionMetadata, SequenceAttention};

@@ -1,0 +1,260 @@
+//! Decode attention on the CPU that reads keys and values where they lie in the paged cache.
+//!
+//! The reference path (`attention::paged_attention`) gathers each sequence's whole context out of the
+//! pool (`index_select`), transposes it and then multiplies: per layer and sequence that is two copies
+//! of `context × kv_heads × head_dim` values before any arithmetic, and at 16 decoding sequences it was
+//! most of a step's memory traffic (`memmove` in issue 14's profile). A decode query needs each cached
+//! row once, so this path reads the rows in place through the slot list and does the same arithmetic:
+//! scores `q·k × scale` in f32, softmax in f32 (max-subtracted, normalised before use, as softmax then
+//! `probs @ V`), then the probability-weighted sum of the value rows. Only the order of additions inside
+//! the dot products differs from the GEMM's, which the HF parity tests' tolerances cover.
+//!
+//! f32 caches only (the CPU serves f32); other dtypes keep the reference path.
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use super::small_gemm::{cpu_decode_kernels_enabled, f32_slice};
+
+/// One decoding sequence: its query row's index in the flattened batch and its context's cache slots.
+pub struct DecodeQuery<'a> {
+    pub token: usize,
+    pub slots: &'a [u32],
+}
+
+/// Shape of the heads: `heads` query heads share `kv_heads` key/value heads (`heads / kv_heads` each,
+/// adjacent, as HF's `repeat_kv`).
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// `[decodes.len(), heads × head_dim]` attention outputs, or `None` when a tensor is not an f32 CPU
+/// tensor laid out contiguously (the caller then takes the reference path).
+pub fn decode_attention_in_place(
+    queries: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    decodes: &[DecodeQuery<'_>],
+    shape: Heads,
+    scale: f32,
+) -> candle_core::Result<Option<Vec<f32>>> {
+    if !cpu_decode_kernels_enabled() {
+        return Ok(None);
+    }
+    let (q_guard, q_layout) = queries.storage_and_layout();
+    let (k_guard, k_layout) = key_cache.storage_and_layout();
+    let (v_guard, v_layout) = value_cache.storage_and_layout();
+    let (Some(q), Some(keys), Some(values)) = (
+        f32_slice(&q_guard, q_layout),
+        f32_slice(&k_guard, k_layout),
+        f32_slice(&v_guard, v_layout),
+    ) else {
+        return Ok(None);
+    };
+    let Heads {
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = shape;
+    let row = kv_heads * d;
+    let groups = heads / kv_heads;
+    let slots_in_pool = keys.len() / row;
+    for decode in decodes {
+        if let Some(&bad) = decode.slots.iter().find(|&&s| s as usize >= slots_in_pool) {
+            candle_core::bail!("cache slot {bad} is outside the pool of {slots_in_pool} slots");
+        }
+    }
+    let mut out = vec![0f32; decodes.len() * heads * d];
+    // One task per (sequence, kv head): its `groups` query heads reuse each key/value row it loads,
+    // and their outputs are adjacent in the result.
+    out.par_chunks_mut(groups * d)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (task, out)| {
+            let (decode, kv_head) = (&decodes[task / kv_heads], task % kv_heads);
+            let q_row = &q[decode.token * heads * d..][..heads * d];
+            let q_group = &q_row[kv_head * groups * d..][..groups * d];
+            let column = kv_head * d;
+            for (g, out_head) in out.chunks_exact_mut(d).enumerate() {
+                let q_head = &q_group[g * d..][..d];
+                scores.clear();
+                scores.extend(
+                    decode
+                        .slots
+                        .iter()
+                        .map(|&s| dot(q_head, &keys[s as usize * row + column..][..d]) * scale),
+                );
+                softmax_in_place(scores);
+                for (&p, &s) in scores.iter().zip(decode.slots) {
+                    axpy(p, &values[s as usize * row + column..][..d], out_head);
+                }
+            }
+        });
+    Ok(Some(out))
+}
+
+/// Eight independent partial sums, so the compiler can keep them in vector registers.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline]
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}
+
+/// Max-subtracted softmax in f32; all-`-inf` rows cannot occur (a query sees at least itself).
+fn softmax_in_place(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    let inv = 1.0 / total;
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Attention written out from its definition, in f64, for one query head.
+    fn by_definition(q: &[f32], ks: &[&[f32]], vs: &[&[f32]], scale: f64) -> Vec<f64> {
+        let scores: Vec<f64> = ks
+            .iter()
+            .map(|k| {
+                q.iter()
+                    .zip(*k)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    * scale
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let mut out = vec![0f64; q.len()];
+        for (wi, v) in w.iter().zip(vs) {
+            for (o, x) in out.iter_mut().zip(*v) {
+                *o += wi / total * *x as f64;
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        // Deterministic, spread over [-2, 2], no two neighbours alike.
+        (0..n)
+            .map(|i| 2.0 * ((i as f32 * 0.754_877 + seed as f32 * 1.3).sin()))
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_definition_through_scattered_slots_with_grouped_heads() {
+        let (heads, kv_heads, d) = (4, 2, 12); // d not a multiple of 8: the dot's tail is used
+        let row = kv_heads * d;
+        let pool_slots = 40;
+        let dev = Device::Cpu;
+        let keys = values(pool_slots * row, 1);
+        let vals = values(pool_slots * row, 2);
+        let qs = values(3 * heads * d, 3);
+        // Token 1 is a prefill token the caller handles elsewhere: only tokens 0 and 2 decode here.
+        let slots_a: Vec<u32> = vec![7, 3, 30, 31, 0];
+        let slots_b: Vec<u32> = vec![12];
+        let decodes = [
+            DecodeQuery {
+                token: 0,
+                slots: &slots_a,
+            },
+            DecodeQuery {
+                token: 2,
+                slots: &slots_b,
+            },
+        ];
+        let shape = Heads {
+            heads,
+            kv_heads,
+            head_dim: d,
+        };
+        let scale = 0.3f32;
+        let out = decode_attention_in_place(
+            &Tensor::from_vec(qs.clone(), (3, heads, d), &dev).unwrap(),
+            &Tensor::from_vec(keys.clone(), (pool_slots, row), &dev).unwrap(),
+            &Tensor::from_vec(vals.clone(), (pool_slots, row), &dev).unwrap(),
+            &decodes,
+            shape,
+            scale,
+        )
+        .unwrap()
+        .expect("f32 CPU tensors take the in-place path");
+        for (i, decode) in decodes.iter().enumerate() {
+            for h in 0..heads {
+                let kvh = h / (heads / kv_heads);
+                let cell = |data: &[f32], s: u32| data[s as usize * row + kvh * d..][..d].to_vec();
+                let ks: Vec<Vec<f32>> = decode.slots.iter().map(|&s| cell(&keys, s)).collect();
+                let vs: Vec<Vec<f32>> = decode.slots.iter().map(|&s| cell(&vals, s)).collect();
+                let q = &qs[(decode.token * heads + h) * d..][..d];
+                let want = by_definition(
+                    q,
+                    &ks.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                    &vs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                    scale as f64,
+                );
+                let got = &out[(i * heads + h) * d..][..d];
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((*g as f64 - w).abs() < 1e-5, "head {h}: {g} vs {w}");
+                }
+            }
+        }
+        // A single key: the output is that key's value row exactly.
+        let only = &out[heads * d..][..d];
+        assert_eq!(only, &vals[12 * row..][..d]);
+    }
+
+    #[test]
+    fn refuses_other_dtypes_and_slots_outside_the_pool() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 2, 8), candle_core::DType::F16, &dev).unwrap();
+        let cache = Tensor::zeros((4, 16), candle_core::DType::F16, &dev).unwrap();
+        let shape = Heads {
+            heads: 2,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        let decode = [DecodeQuery {
+            token: 0,
+            slots: &[0],
+        }];
+        let r = decode_attention_in_place(&q, &cache, &cache, &decode, shape, 1.0).unwrap();
+        assert!(r.is_none(), "f16 tensors take the reference path");
+        let q = q.to_dtype(candle_core::DType::F32).unwrap();
+        let cache = cache.to_dtype(candle_core::DType::F32).unwrap();
+        let outside = [DecodeQuery {
+            token: 0,
+            slots: &[4],
+        }];
+        assert!(decode_attention_in_place(&q, &cache, &cache, &outside, shape, 1.0).is_err());
+    }
+}

@@ -1,0 +1,245 @@
+//! `x Wᵀ` on the CPU for the few rows of a decode step, streaming each weight row once.
+//!
+//! A decode step multiplies 1–32 activation rows by every weight matrix: the work is reading the
+//! weights, about 0.75 GB per step on issue 14's mid checkpoint. Candle's matmul hands these shapes to
+//! the `gemm` crate, which packs the (transposed) weight matrix into its panel layout on every call and
+//! so reads and writes the whole matrix before multiplying. Here each task takes a run of weight rows
+//! (`[out, in]`, PyTorch's layout, already contiguous along `in`) and computes the dot product of every
+//! activation row with each of them while the weight row sits in L1: one pass over the weights, no
+//! packing, no allocation beyond the output.
+//!
+//! The dot products use eight partial sums (fused multiply-add where the CPU has AVX2 + FMA), so their
+//! order of additions differs from the GEMM's: results agree to f32 rounding, which the HF parity
+//! tests' tolerances cover. Tiles of 2 weight rows × 4 activation rows keep eight accumulators in
+//! registers on AVX2; other CPUs get a portable loop.
+
+use candle_core::{CpuStorage, Layout, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Largest row count sent here: where this kernel is ahead of candle's matmul, measured with
+/// `cargo bench --bench cpu_gemm` on the 2-core development machine (AVX-512). With AVX-512 the `gemm`
+/// crate runs its x86-v4 kernels, 2× faster than its AVX2 ones at prefill sizes but slow for a few rows
+/// (2–5 ms where this kernel takes 0.5–1.8 ms at 8–16 rows); this kernel is still 1.1–1.9× ahead at
+/// 32. With AVX2 only, the GEMM draws level at about 16 rows.
+pub fn max_rows() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            return 32;
+        }
+        12
+    })
+}
+/// Weight rows per parallel task: enough work to amortise scheduling, enough tasks to balance.
+const ROWS_PER_TASK: usize = 32;
+
+/// Whether the CPU decode kernels (this module and `decode_attention`) are used: yes unless
+/// `LLAVA_SERVER_CPU_DECODE_KERNELS=off`, which restores candle's matmul and the gathering attention
+/// so that benchmarks can compare both in one build (read once).
+pub fn cpu_decode_kernels_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        std::env::var("LLAVA_SERVER_CPU_DECODE_KERNELS").map_or(true, |v| v != "off")
+    })
+}
+
+/// `x Wᵀ` for a 2-D f32 CPU `x` of at most `max_rows()` rows and a contiguous f32 `w` (`[out, in]`);
+/// `None` for anything else, which the caller sends to candle's matmul.
+pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (m, k) = x.dims2()?;
+    let n = w.dim(0)?;
+    if m > max_rows()
+        || !x.device().is_cpu()
+        || w.dims2()? != (n, k)
+        || !cpu_decode_kernels_enabled()
+    {
+        return Ok(None);
+    }
+    let out = {
+        let (x_guard, x_layout) = x.storage_and_layout();
+        let (w_guard, w_layout) = w.storage_and_layout();
+        match (f32_slice(&x_guard, x_layout), f32_slice(&w_guard, w_layout)) {
+            (Some(xs), Some(ws)) => matmul_transposed(xs, ws, m, n, k),
+            _ => return Ok(None),
+        }
+    };
+    Tensor::from_vec(out, (m, n), x.device()).map(Some)
+}
+
+/// The contiguous f32 elements of a CPU tensor, from its layout's offset.
+pub(crate) fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(data)) if layout.is_contiguous() => {
+            Some(&data[layout.start_offset()..][..layout.shape().elem_count()])
+        }
+        _ => None,
+    }
+}
+
+/// `out[m][n] = Σ_k x[m][k] · w[n][k]` for `x` of `m × k` and `w` of `n × k`, row-major.
+pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "x is not m × k");
+    assert_eq!(w.len(), n * k, "w is not n × k");
+    // Computed as outᵀ (`n × m`, a task's rows contiguous), transposed at the end (m·n values).
+    let mut out_t = vec![0f32; n * m];
+    if m == 0 || n == 0 {
+        return out_t;
+    }
+    let fma = has_avx2_fma();
+    out_t
+        .par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let first = task * ROWS_PER_TASK;
+            let rows = chunk.len() / m;
+            let w_rows = &w[first * k..(first + rows) * k];
+            if fma {
+                // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    rows_fma(x, w_rows, chunk, m, k)
+                };
+            } else {
+                rows_kernel(x, w_rows, chunk, m, k);
+            }
+        });
+    let mut out = vec![0f32; m * n];
+    for (j, row) in out_t.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+    out
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// For each weight row of `w_rows`, its dot product with every row of `x`, into `out_t[row][i]`:
+/// tiles of 2 weight rows × 4 activation rows, eight 8-lane accumulators (6 loads per 8 FMAs).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_fma(x: &[f32], w_rows: &[f32], out_t: &mut [f32], m: usize, k: usize) {
+    use std::arch::x86_64::*;
+    let body = k / 8 * 8;
+    let rows = w_rows.len() / k;
+    let (xp, wp) = (x.as_ptr(), w_rows.as_ptr());
+    // Sum of the 8 lanes, plus the products past the 8-wide body.
+    let finish = |acc: __m256, xi: usize, wj: usize| -> f32 {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let tail: f32 = (body..k).map(|c| x[xi * k + c] * w_rows[wj * k + c]).sum();
+        lanes.iter().sum::<f32>() + tail
+    };
+    let mut j = 0;
+    while j < rows {
+        let pair = (rows - j).min(2);
+        let w0 = wp.add(j * k);
+        let w1 = wp.add((j + pair - 1) * k); // a lone last row is computed twice, stored once
+        let mut i = 0;
+        while i < m {
+            let quad = (m - i).min(4);
+            let xr = [0, 1, 2, 3].map(|r| xp.add((i + r.min(quad - 1)) * k));
+            let mut a = [_mm256_setzero_ps(); 8];
+            let mut c = 0;
+            while c < body {
+                let (v0, v1) = (_mm256_loadu_ps(w0.add(c)), _mm256_loadu_ps(w1.add(c)));
+                for r in 0..4 {
+                    let xv = _mm256_loadu_ps(xr[r].add(c));
+                    a[r] = _mm256_fmadd_ps(xv, v0, a[r]);
+                    a[4 + r] = _mm256_fmadd_ps(xv, v1, a[4 + r]);
+                }
+                c += 8;
+            }
+            for r in 0..quad {
+                out_t[j * m + i + r] = finish(a[r], i + r, j);
+                if pair == 2 {
+                    out_t[(j + 1) * m + i + r] = finish(a[4 + r], i + r, j + 1);
+                }
+            }
+            i += quad;
+        }
+        j += pair;
+    }
+}
+
+/// The portable kernel (no AVX2/FMA): one dot product at a time, eight partial sums.
+fn rows_kernel(x: &[f32], w_rows: &[f32], out_t: &mut [f32], m: usize, k: usize) {
+    for (w_row, out_row) in w_rows.chunks_exact(k).zip(out_t.chunks_exact_mut(m)) {
+        for (i, out) in out_row.iter_mut().enumerate() {
+            *out = dot(w_row, &x[i * k..(i + 1) * k]);
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (i as f32 * 0.618_034 + seed).sin())
+            .collect()
+    }
+
+    #[test]
+    fn equals_the_definition_for_every_row_count_and_ragged_shapes() {
+        // k = 37: a tail after the 8-wide body; n = 70: a last task shorter than ROWS_PER_TASK;
+        // m up to 9: blocks of four activation rows and the remainder.
+        let (n, k) = (70, 37);
+        let w = values(n * k, 0.5);
+        for m in [1, 2, 3, 4, 5, 8, 9] {
+            let x = values(m * k, 1.5 + m as f32);
+            let got = matmul_transposed(&x, &w, m, n, k);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                        .sum();
+                    let g = got[i * n + j] as f64;
+                    assert!((g - want).abs() < 1e-5, "m={m} [{i}][{j}]: {g} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn both_kernels_agree() {
+        let (m, n, k) = (6, 40, 64);
+        let (x, w) = (values(m * k, 0.1), values(n * k, 0.2));
+        let mut plain = vec![0f32; n * m];
+        rows_kernel(&x, &w, &mut plain, m, k);
+        let fused = matmul_transposed(&x, &w, m, n, k);
+        for i in 0..m {
+            for j in 0..n {
+                assert!((plain[j * m + i] - fused[i * n + j]).abs() < 1e-5);
+            }
+        }
+    }
+}
