@@ -15,7 +15,9 @@
       a new 640x480 image (never seen: cold):
         cold TTFT (HF: processor + generate of 1 token; ours: a streamed chat request to its first token),
           with the vision time (HF: get_image_features; ours: llava_image_encode_seconds_total)
-        single-stream decode, 64 forced tokens (HF: min_new_tokens; ours: ignore_eos)
+        single-stream decode, 64 forced tokens, timed from the first token to the last (HF: min_new_tokens,
+          a logits processor stamping each step; ours: ignore_eos, stream chunk times), and ours again
+          with --cpu-f16-weights (a second server)
       and once each: ours with 16 concurrent streams (one shared image, then 16 different images; aggregate
       tok/s, decode-phase tok/s, TTFT p99, decode step at 16 vs 1) and HF's static batch of 16 (left-padded
       `generate`, which is what transformers offers without a server). It prints the weight-read floor: the
@@ -168,19 +170,28 @@ class Hf:
 
     @torch.inference_mode()
     def generate(self, images, new_tokens):
+        """Seconds for the whole call, and the decode rate between the first and last token's logits."""
+        stamps = []
+
+        def stamp(input_ids, scores):  # a logits processor: called once per generated token
+            stamps.append(time.perf_counter())
+            return scores
+
         t0 = time.perf_counter()
         self.model.generate(**self.inputs(images), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                            do_sample=False)
-        return time.perf_counter() - t0
+                            do_sample=False, logits_processor=transformers.LogitsProcessorList([stamp]))
+        total = time.perf_counter() - t0
+        rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+        return total, rate
 
 
 class Ours:
-    def __init__(self, binary, model_dir, port, threads):
+    def __init__(self, binary, model_dir, port, threads, extra=()):
         env = dict(os.environ, RAYON_NUM_THREADS=str(threads), RUST_LOG="warn")
         self.base = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [binary, "serve", "--model", model_dir, "--port", str(port), "--dtype", "f32",
-             "--served-model-name", "mid", "--max-num-seqs", "32"], env=env)
+             "--served-model-name", "mid", "--max-num-seqs", "32", *extra], env=env)
         for _ in range(600):
             try:
                 if requests.get(self.base + "/health", timeout=1).status_code == 200:
@@ -257,16 +268,19 @@ def run(args):
           f"-> floor {floor_tps:.1f} tok/s", flush=True)
     hf = Hf(model_dir, args.threads)
     ours = Ours(args.server, model_dir, args.port, args.threads)
+    # The opt-in f16-weight path, idle while the others run.
+    f16 = Ours(args.server, model_dir, args.port + 1, args.threads, ["--cpu-f16-weights"])
+    f16_decode = []
     rows = {k: ([], []) for k in ("ttft", "vision", "decode")}
     try:
         seed = int(time.time())
         for rep in range(args.reps):
             img = new_image(seed + rep)
             ttft, vision, n_ids = hf.ttft(img)
-            total = hf.generate([new_image(seed + 1000 + rep)], FORCED)
+            _, rate = hf.generate([new_image(seed + 1000 + rep)], FORCED)
             rows["ttft"][0].append(ttft)
             rows["vision"][0].append(vision)
-            rows["decode"][0].append((FORCED - 1) / (total - ttft))
+            rows["decode"][0].append(rate)
             enc0 = ours.encode_seconds()
             rec = []
             ours.stream(data_url(new_image(seed + 2000 + rep)), 1, rec)
@@ -276,6 +290,10 @@ def run(args):
             ours.stream(data_url(new_image(seed + 3000 + rep)), FORCED, rec)
             t0, times, tokens = rec[0]
             rows["decode"][1].append((tokens - 1) / (times[-1] - times[0]))
+            rec = []
+            f16.stream(data_url(new_image(seed + 7000 + rep)), FORCED, rec)
+            t0, times, tokens = rec[0]
+            f16_decode.append((tokens - 1) / (times[-1] - times[0]))
             print(f"rep {rep}: prompt {n_ids} ids; HF ttft {ttft:.2f} s, ours {rows['ttft'][1][-1]:.2f} s; "
                   f"decode HF {rows['decode'][0][-1]:.1f}, ours {rows['decode'][1][-1]:.1f} tok/s", flush=True)
         shared = data_url(new_image(seed + 4000))
@@ -284,13 +302,12 @@ def run(args):
         hf_batch = None
         if not args.no_hf_batch:
             imgs = [new_image(seed + 6000 + i) for i in range(STREAMS)]
-            with torch.inference_mode():
-                first = hf.generate(imgs, 1)
-                total = hf.generate(imgs, FORCED)
-            hf_batch = {"agg": STREAMS * FORCED / total, "ttft": first,
-                        "decode": STREAMS * (FORCED - 1) / (total - first)}
+            first, _ = hf.generate(imgs, 1)
+            total, rate = hf.generate(imgs, FORCED)
+            hf_batch = {"agg": STREAMS * FORCED / total, "ttft": first, "decode": STREAMS * rate}
     finally:
         ours.close()
+        f16.close()
     single_tpot = 1 / statistics.median(rows["decode"][1])
     print()
     print(f"| figure ({args.reps} interleaved reps, cold images) | HF transformers {transformers.__version__} "
@@ -302,6 +319,8 @@ def run(args):
         ratio = statistics.median(o) / statistics.median(h)
         print(f"| {label} | {fmt_range(h, unit)} | {fmt_range(o, unit)} | {ratio:.2f}× "
               f"({'lower' if better_low else 'higher'} is better) |")
+    print(f"| decode, one stream, `--cpu-f16-weights` | — | {fmt_range(f16_decode, ' tok/s')} | "
+          f"{statistics.median(f16_decode) / statistics.median(rows['decode'][0]):.2f}× |")
     for name, r in (("16 streams, one shared image", one), ("16 streams, 16 different images", many)):
         hb = (f"static batch: {hf_batch['agg']:.1f} tok/s (decode phase {hf_batch['decode']:.1f}, "
               f"TTFT {hf_batch['ttft']:.1f} s)") if hf_batch and "different" in name else "—"

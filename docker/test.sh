@@ -26,7 +26,8 @@ build_opts=(--network host); [[ -n ${DOCKER_CPUSET:-} ]] && build_opts+=(--cpuse
 client=(python3 docker/test_client.py)
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 cleanups=()
-trap 'for c in "${cleanups[@]}"; do eval "$c" >/dev/null 2>&1 || true; done' EXIT
+# Last in, first out (as defers): `compose down` runs before its compose files are removed.
+trap 'for ((i = ${#cleanups[@]} - 1; i >= 0; i--)); do eval "${cleanups[i]}" >/dev/null 2>&1 || true; done' EXIT
 
 # The upstream image when it is here or can be pulled, else the local stand-in (made once).
 pick() {  # pick UPSTREAM STAND_IN STAND_IN_KIND

@@ -49,6 +49,11 @@ pub struct ServeArgs {
     /// Compute dtype: f32, f16 or bf16.
     #[arg(long, env = "LLAVA_SERVER_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// Keep the decoder's linear weights in f16 (CPU with --dtype f32 only): decode steps read half the
+    /// bytes, while products and sums stay f32. Answers then differ from f32 weights by the weights'
+    /// f16 rounding.
+    #[arg(long, env = "LLAVA_SERVER_CPU_F16_WEIGHTS")]
+    pub cpu_f16_weights: bool,
     /// cpu or cuda:N.
     #[arg(long, env = "LLAVA_SERVER_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -309,6 +314,7 @@ impl ServeArgs {
             model,
             load_format: self.load_format,
             dtype: self.dtype,
+            cpu_f16_weights: self.cpu_f16_weights,
             device: self.device,
             host: self.host,
             port: self.port,

@@ -69,6 +69,7 @@ async fn run_batch(args: RunBatchArgs) -> anyhow::Result<()> {
             &opts.model,
             opts.load_format,
             &opts.dtype,
+            opts.cpu_f16_weights,
             &opts.device,
             opts.engine,
         )

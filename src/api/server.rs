@@ -23,6 +23,8 @@ pub struct ServeOptions {
     pub model: String,
     pub load_format: LoadFormat,
     pub dtype: String,
+    /// Decoder linear weights in f16 on the CPU (`--cpu-f16-weights`).
+    pub cpu_f16_weights: bool,
     pub device: String,
     pub host: String,
     pub port: u16,
@@ -42,12 +44,20 @@ pub fn load_served_model(
     spec: &str,
     format: LoadFormat,
     dtype: &str,
+    cpu_f16_weights: bool,
     device: &str,
     mut engine_config: EngineConfig,
 ) -> anyhow::Result<ServedModel> {
     let device = parse_device(device)?;
     let dtype = parse_dtype(dtype)?;
-    let (model, assets) = load_model(spec, format, dtype, &device)?;
+    let (mut model, assets) = load_model(spec, format, dtype, &device)?;
+    if cpu_f16_weights {
+        anyhow::ensure!(
+            device.is_cpu() && dtype == candle_core::DType::F32,
+            "--cpu-f16-weights needs --device cpu and --dtype f32"
+        );
+        model.store_decoder_weights_f16()?;
+    }
     let builder = PromptBuilder::from_checkpoint(&assets.root, &model.config)?;
     let processor = ImageProcessorConfig::from_file(&assets.file("preprocessor_config.json"))?;
     let vocab_size = model.config.text.vocab_size;
@@ -97,6 +107,7 @@ pub async fn spawn(
                 &opts.model,
                 opts.load_format,
                 &opts.dtype,
+                opts.cpu_f16_weights,
                 &opts.device,
                 opts.engine,
             )?;

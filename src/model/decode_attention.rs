@@ -70,33 +70,85 @@ pub fn decode_attention_in_place(
     let mut out = vec![0f32; decodes.len() * heads * d];
     // One task per (sequence, kv head): its `groups` query heads reuse each key/value row it loads,
     // and their outputs are adjacent in the result.
+    let avx2 = has_avx2_fma();
     out.par_chunks_mut(groups * d)
         .enumerate()
         .for_each_init(Vec::new, |scores, (task, out)| {
             let (decode, kv_head) = (&decodes[task / kv_heads], task % kv_heads);
             let q_row = &q[decode.token * heads * d..][..heads * d];
-            let q_group = &q_row[kv_head * groups * d..][..groups * d];
-            let column = kv_head * d;
-            for (g, out_head) in out.chunks_exact_mut(d).enumerate() {
-                let q_head = &q_group[g * d..][..d];
-                scores.clear();
-                scores.extend(
-                    decode
-                        .slots
-                        .iter()
-                        .map(|&s| dot(q_head, &keys[s as usize * row + column..][..d]) * scale),
-                );
-                softmax_in_place(scores);
-                for (&p, &s) in scores.iter().zip(decode.slots) {
-                    axpy(p, &values[s as usize * row + column..][..d], out_head);
-                }
+            let task = Task {
+                q_group: &q_row[kv_head * groups * d..][..groups * d],
+                keys,
+                values,
+                slots: decode.slots,
+                row,
+                column: kv_head * d,
+                d,
+                scale,
+            };
+            if avx2 {
+                // SAFETY: the CPU has AVX2 and FMA (checked at run time above).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    attend_avx2(&task, scores, out)
+                };
+            } else {
+                attend(&task, scores, out);
             }
         });
     Ok(Some(out))
 }
 
+/// One (sequence, kv head): its query heads, where its context lies in the pool.
+struct Task<'a> {
+    q_group: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    slots: &'a [u32],
+    row: usize,
+    column: usize,
+    d: usize,
+    scale: f32,
+}
+
+/// `attend` compiled for AVX2 + FMA, so that its loops vectorise eight lanes wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(task: &Task<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend(task, scores, out)
+}
+
+#[inline(always)]
+fn attend(task: &Task<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let (d, row, column) = (task.d, task.row, task.column);
+    for (g, out_head) in out.chunks_exact_mut(d).enumerate() {
+        let q_head = &task.q_group[g * d..][..d];
+        scores.clear();
+        scores.extend(
+            task.slots
+                .iter()
+                .map(|&s| dot(q_head, &task.keys[s as usize * row + column..][..d]) * task.scale),
+        );
+        softmax_in_place(scores);
+        for (&p, &s) in scores.iter().zip(task.slots) {
+            axpy(p, &task.values[s as usize * row + column..][..d], out_head);
+        }
+    }
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Eight independent partial sums, so the compiler can keep them in vector registers.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -114,7 +166,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-#[inline]
+#[inline(always)]
 fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * xi;
@@ -122,6 +174,7 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// Max-subtracted softmax in f32; all-`-inf` rows cannot occur (a query sees at least itself).
+#[inline(always)]
 fn softmax_in_place(scores: &mut [f32]) {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut total = 0f32;

@@ -82,8 +82,20 @@ impl Linear {
     fn matmul_2d(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match small_gemm::linear(x, &self.weight)? {
             Some(out) => Ok(out),
+            // f16-stored weights meet f32 activations here only in prefill steps, where widening
+            // the weight (one pass over it) costs little beside the GEMM.
+            None if self.weight.dtype() != x.dtype() => {
+                x.matmul(&self.weight.to_dtype(x.dtype())?.t()?)
+            }
             None => x.matmul(&self.weight.t()?),
         }
+    }
+
+    /// Keeps the weight in f16 (the bias as it is): `small_gemm` widens it to f32 in registers, so a
+    /// decode step reads half the bytes and computes in f32 (`--cpu-f16-weights`).
+    pub fn store_weight_f16(&mut self) -> candle_core::Result<()> {
+        self.weight = self.weight.to_dtype(DType::F16)?;
+        Ok(())
     }
 }
 

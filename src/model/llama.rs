@@ -300,6 +300,22 @@ impl LlamaDecoder {
         }
     }
 
+    /// Every linear weight of the decoder (and the lm_head) stored in f16 from now on; see
+    /// `Linear::store_weight_f16`.
+    pub fn store_weights_f16(&mut self) -> candle_core::Result<()> {
+        for layer in &mut self.layers {
+            for linear in [
+                &mut layer.qkv_proj,
+                &mut layer.o_proj,
+                &mut layer.gate_up_proj,
+                &mut layer.down_proj,
+            ] {
+                linear.store_weight_f16()?;
+            }
+        }
+        self.lm_head.store_weight_f16()
+    }
+
     /// Final norm and lm_head for the given rows of hidden states: `[rows, vocab]`.
     pub fn logits(&self, hidden_rows: &Tensor) -> candle_core::Result<Tensor> {
         self.lm_head.forward(&self.norm.forward(hidden_rows)?)

@@ -183,6 +183,12 @@ impl LlavaModel {
             .forward(&self.vision_features(pixel_values)?)?)
     }
 
+    /// The decoder's linear weights in f16 from now on (`--cpu-f16-weights`; the caller checks that
+    /// the model runs in f32 on the CPU).
+    pub fn store_decoder_weights_f16(&mut self) -> candle_core::Result<()> {
+        self.decoder.store_weights_f16()
+    }
+
     /// One batched step: logits `[logits_rows, vocab]` in f32.
     pub fn forward(
         &self,

@@ -44,8 +44,8 @@ pub fn cpu_decode_kernels_enabled() -> bool {
     })
 }
 
-/// `x Wᵀ` for a 2-D f32 CPU `x` of at most `max_rows()` rows and a contiguous f32 `w` (`[out, in]`);
-/// `None` for anything else, which the caller sends to candle's matmul.
+/// `x Wᵀ` for a 2-D f32 CPU `x` of at most `max_rows()` rows and a contiguous f32 or f16 `w`
+/// (`[out, in]`); `None` for anything else, which the caller sends to candle's matmul.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
     let n = w.dim(0)?;
@@ -59,8 +59,16 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let out = {
         let (x_guard, x_layout) = x.storage_and_layout();
         let (w_guard, w_layout) = w.storage_and_layout();
-        match (f32_slice(&x_guard, x_layout), f32_slice(&w_guard, w_layout)) {
-            (Some(xs), Some(ws)) => matmul_transposed(xs, ws, m, n, k),
+        let Some(xs) = f32_slice(&x_guard, x_layout) else {
+            return Ok(None);
+        };
+        match (&*w_guard, w_layout.is_contiguous()) {
+            (Storage::Cpu(CpuStorage::F32(data)), true) => {
+                matmul_transposed(xs, &data[w_layout.start_offset()..][..n * k], m, n, k)
+            }
+            (Storage::Cpu(CpuStorage::F16(data)), true) => {
+                matmul_transposed(xs, &data[w_layout.start_offset()..][..n * k], m, n, k)
+            }
             _ => return Ok(None),
         }
     };
@@ -77,8 +85,44 @@ pub(crate) fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a
     }
 }
 
+/// A weight element: f32, or f16 widened to f32 on load (products and sums are always f32).
+pub trait Weight: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+    /// Eight consecutive weights as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` must point at eight readable weights, and the CPU must have AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Weight for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
 /// `out[m][n] = Σ_k x[m][k] · w[n][k]` for `x` of `m × k` and `w` of `n × k`, row-major.
-pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+pub fn matmul_transposed<W: Weight>(x: &[f32], w: &[W], m: usize, n: usize, k: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "x is not m × k");
     assert_eq!(w.len(), n * k, "w is not n × k");
     // Computed as outᵀ (`n × m`, a task's rows contiguous), transposed at the end (m·n values).
@@ -95,7 +139,7 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> 
             let rows = chunk.len() / m;
             let w_rows = &w[first * k..(first + rows) * k];
             if fma {
-                // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
+                // SAFETY: the CPU supports AVX2, FMA and F16C (checked at run time just above).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     rows_fma(x, w_rows, chunk, m, k)
@@ -116,7 +160,9 @@ pub fn matmul_transposed(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> 
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -125,10 +171,11 @@ fn has_avx2_fma() -> bool {
 }
 
 /// For each weight row of `w_rows`, its dot product with every row of `x`, into `out_t[row][i]`:
-/// tiles of 2 weight rows × 4 activation rows, eight 8-lane accumulators (6 loads per 8 FMAs).
+/// tiles of 2 weight rows × 4 activation rows, eight 8-lane accumulators (6 loads per 8 FMAs); a
+/// single activation row takes 4 weight rows at a time instead.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_fma(x: &[f32], w_rows: &[f32], out_t: &mut [f32], m: usize, k: usize) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_fma<W: Weight>(x: &[f32], w_rows: &[W], out_t: &mut [f32], m: usize, k: usize) {
     use std::arch::x86_64::*;
     let body = k / 8 * 8;
     let rows = w_rows.len() / k;
@@ -137,9 +184,34 @@ unsafe fn rows_fma(x: &[f32], w_rows: &[f32], out_t: &mut [f32], m: usize, k: us
     let finish = |acc: __m256, xi: usize, wj: usize| -> f32 {
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        let tail: f32 = (body..k).map(|c| x[xi * k + c] * w_rows[wj * k + c]).sum();
+        let tail: f32 = (body..k)
+            .map(|c| x[xi * k + c] * w_rows[wj * k + c].to_f32())
+            .sum();
         lanes.iter().sum::<f32>() + tail
     };
+    if m == 1 {
+        // One activation row (single-stream decode): 4 weight rows per pass, one FMA per weight
+        // vector, four independent accumulator chains.
+        let mut j = 0;
+        while j < rows {
+            let n4 = (rows - j).min(4);
+            let wr = [0, 1, 2, 3].map(|r| wp.add((j + r.min(n4 - 1)) * k));
+            let mut a = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c < body {
+                let xv = _mm256_loadu_ps(xp.add(c));
+                for r in 0..4 {
+                    a[r] = _mm256_fmadd_ps(xv, W::load8(wr[r].add(c)), a[r]);
+                }
+                c += 8;
+            }
+            for r in 0..n4 {
+                out_t[j + r] = finish(a[r], 0, j + r);
+            }
+            j += n4;
+        }
+        return;
+    }
     let mut j = 0;
     while j < rows {
         let pair = (rows - j).min(2);
@@ -152,7 +224,7 @@ unsafe fn rows_fma(x: &[f32], w_rows: &[f32], out_t: &mut [f32], m: usize, k: us
             let mut a = [_mm256_setzero_ps(); 8];
             let mut c = 0;
             while c < body {
-                let (v0, v1) = (_mm256_loadu_ps(w0.add(c)), _mm256_loadu_ps(w1.add(c)));
+                let (v0, v1) = (W::load8(w0.add(c)), W::load8(w1.add(c)));
                 for r in 0..4 {
                     let xv = _mm256_loadu_ps(xr[r].add(c));
                     a[r] = _mm256_fmadd_ps(xv, v0, a[r]);
@@ -173,7 +245,7 @@ unsafe fn rows_fma(x: &[f32], w_rows: &[f32], out_t: &mut [f32], m: usize, k: us
 }
 
 /// The portable kernel (no AVX2/FMA): one dot product at a time, eight partial sums.
-fn rows_kernel(x: &[f32], w_rows: &[f32], out_t: &mut [f32], m: usize, k: usize) {
+fn rows_kernel<W: Weight>(x: &[f32], w_rows: &[W], out_t: &mut [f32], m: usize, k: usize) {
     for (w_row, out_row) in w_rows.chunks_exact(k).zip(out_t.chunks_exact_mut(m)) {
         for (i, out) in out_row.iter_mut().enumerate() {
             *out = dot(w_row, &x[i * k..(i + 1) * k]);
@@ -181,18 +253,18 @@ fn rows_kernel(x: &[f32], w_rows: &[f32], out_t: &mut [f32], m: usize, k: usize)
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<W: Weight>(a: &[W], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = a8
         .remainder()
         .iter()
         .zip(b8.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x.to_f32() * y)
         .sum();
     for (x, y) in a8.zip(b8) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l].to_f32() * y[l];
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -225,6 +297,32 @@ mod tests {
                     let g = got[i * n + j] as f64;
                     assert!((g - want).abs() < 1e-5, "m={m} [{i}][{j}]: {g} vs {want}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_weights_are_widened_and_summed_in_f32() {
+        let (m, n, k) = (5, 33, 29);
+        let x = values(m * k, 0.3);
+        let w: Vec<half::f16> = values(n * k, 0.9)
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect();
+        let got = matmul_transposed(&x, &w, m, n, k);
+        let mut portable = vec![0f32; n * m];
+        rows_kernel(&x, &w, &mut portable, m, k);
+        for i in 0..m {
+            for j in 0..n {
+                // The definition over the f16 values themselves: only the weights were rounded.
+                let want: f64 = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w[j * k + c].to_f64())
+                    .sum();
+                assert!((got[i * n + j] as f64 - want).abs() < 1e-5, "[{i}][{j}]");
+                assert!(
+                    (portable[j * m + i] as f64 - want).abs() < 1e-5,
+                    "[{i}][{j}]"
+                );
             }
         }
     }

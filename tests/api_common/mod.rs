@@ -24,6 +24,7 @@ pub fn options() -> ServeOptions {
         model: fixtures().join("tiny").to_str().unwrap().to_owned(),
         load_format: llava_server::model::LoadFormat::Auto,
         dtype: "f32".into(),
+        cpu_f16_weights: false,
         device: "cpu".into(),
         host: "127.0.0.1".into(),
         port: 0,
