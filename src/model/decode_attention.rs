@@ -14,7 +14,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::small_gemm::{cpu_decode_kernels_enabled, f32_slice};
+use super::small_gemm::{cpu_decode_kernels_enabled, f32_slice, has_avx2_fma};
 
 /// One decoding sequence: its query row's index in the flattened batch and its context's cache slots.
 pub struct DecodeQuery<'a> {
@@ -133,17 +133,6 @@ fn attend(task: &Task<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
         for (&p, &s) in scores.iter().zip(task.slots) {
             axpy(p, &task.values[s as usize * row + column..][..d], out_head);
         }
-    }
-}
-
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 

@@ -31,6 +31,7 @@ pub fn max_rows() -> usize {
         12
     })
 }
+
 /// Weight rows per parallel task: enough work to amortise scheduling, enough tasks to balance.
 const ROWS_PER_TASK: usize = 32;
 
@@ -157,7 +158,8 @@ pub fn matmul_transposed<W: Weight>(x: &[f32], w: &[W], m: usize, n: usize, k: u
     out
 }
 
-fn has_avx2_fma() -> bool {
+/// Whether the CPU runs the AVX2 + FMA (+ F16C) kernels of this module and `decode_attention`.
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2")
