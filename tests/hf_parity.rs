@@ -107,12 +107,20 @@ fn check_all_cases(variant: &str) {
     }
 }
 
+/// Through the CPU decode kernels (`model::small_gemm`, `model::decode_attention`), which debug
+/// builds leave off unless asked; every test of this binary asks the same.
+fn with_cpu_decode_kernels() {
+    std::env::set_var("LLAVA_SERVER_CPU_DECODE_KERNELS", "on");
+}
+
 #[test]
 fn tiny_matches_hf_on_every_case() {
+    with_cpu_decode_kernels();
     check_all_cases("tiny");
 }
 
 #[test]
 fn tiny_gqa_matches_hf_on_every_case() {
+    with_cpu_decode_kernels();
     check_all_cases("tiny_gqa");
 }

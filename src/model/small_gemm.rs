@@ -35,13 +35,16 @@ pub fn max_rows() -> usize {
 /// Weight rows per parallel task: enough work to amortise scheduling, enough tasks to balance.
 const ROWS_PER_TASK: usize = 32;
 
-/// Whether the CPU decode kernels (this module and `decode_attention`) are used: yes unless
-/// `LLAVA_SERVER_CPU_DECODE_KERNELS=off`, which restores candle's matmul and the gathering attention
-/// so that benchmarks can compare both in one build (read once).
+/// Whether the CPU decode kernels (this module and `decode_attention`) are used (read once).
+/// `LLAVA_SERVER_CPU_DECODE_KERNELS=off` restores candle's matmul and the gathering attention, so that
+/// benchmarks can compare both in one build; `=on` forces them. Unset: on in optimised builds, off in
+/// debug builds, where these loops are compiled without optimisation (our crate is `opt-level` 0 in
+/// `dev`) and would be slower than candle's optimised GEMM; tests that cover them set `on`.
 pub fn cpu_decode_kernels_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        std::env::var("LLAVA_SERVER_CPU_DECODE_KERNELS").map_or(true, |v| v != "off")
+    *ENABLED.get_or_init(|| match std::env::var("LLAVA_SERVER_CPU_DECODE_KERNELS") {
+        Ok(v) => v != "off",
+        Err(_) => !cfg!(debug_assertions),
     })
 }
 
