@@ -14,7 +14,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::small_gemm::{cpu_decode_kernels_enabled, f32_slice, has_avx2_fma};
+use super::small_gemm::{cpu_decode_kernels_enabled, dot, f32_slice, has_avx2_fma};
 
 /// One decoding sequence: its query row's index in the flattened batch and its context's cache slots.
 pub struct DecodeQuery<'a> {
@@ -44,6 +44,18 @@ pub fn decode_attention_in_place(
     if !cpu_decode_kernels_enabled() {
         return Ok(None);
     }
+    in_place(queries, key_cache, value_cache, decodes, shape, scale)
+}
+
+/// The path itself, whatever `cpu_decode_kernels_enabled` says (its tests call it directly).
+fn in_place(
+    queries: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    decodes: &[DecodeQuery<'_>],
+    shape: Heads,
+    scale: f32,
+) -> candle_core::Result<Option<Vec<f32>>> {
     let (q_guard, q_layout) = queries.storage_and_layout();
     let (k_guard, k_layout) = key_cache.storage_and_layout();
     let (v_guard, v_layout) = value_cache.storage_and_layout();
@@ -136,25 +148,6 @@ fn attend(task: &Task<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
     }
 }
 
-/// Eight independent partial sums, so the compiler can keep them in vector registers.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 #[inline(always)]
 fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
@@ -241,7 +234,7 @@ mod tests {
             head_dim: d,
         };
         let scale = 0.3f32;
-        let out = decode_attention_in_place(
+        let out = in_place(
             &Tensor::from_vec(qs.clone(), (3, heads, d), &dev).unwrap(),
             &Tensor::from_vec(keys.clone(), (pool_slots, row), &dev).unwrap(),
             &Tensor::from_vec(vals.clone(), (pool_slots, row), &dev).unwrap(),
@@ -289,7 +282,7 @@ mod tests {
             token: 0,
             slots: &[0],
         }];
-        let r = decode_attention_in_place(&q, &cache, &cache, &decode, shape, 1.0).unwrap();
+        let r = in_place(&q, &cache, &cache, &decode, shape, 1.0).unwrap();
         assert!(r.is_none(), "f16 tensors take the reference path");
         let q = q.to_dtype(candle_core::DType::F32).unwrap();
         let cache = cache.to_dtype(candle_core::DType::F32).unwrap();
@@ -297,6 +290,6 @@ mod tests {
             token: 0,
             slots: &[4],
         }];
-        assert!(decode_attention_in_place(&q, &cache, &cache, &outside, shape, 1.0).is_err());
+        assert!(in_place(&q, &cache, &cache, &outside, shape, 1.0).is_err());
     }
 }
