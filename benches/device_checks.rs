@@ -242,8 +242,7 @@ fn tiny_fixtures_in_bf16_agree_with_hf_greedy_tokens() {
         )
         .unwrap();
         let builder = PromptBuilder::from_checkpoint(&assets.root, &model.config).unwrap();
-        let processor =
-            ImageProcessorConfig::from_file(&assets.file("preprocessor_config.json")).unwrap();
+        let processor = ImageProcessorConfig::for_checkpoint(&assets.root, &model.config).unwrap();
         let refs: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(fixtures.join(format!("refs/{variant}.json"))).unwrap(),
         )

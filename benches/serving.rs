@@ -255,8 +255,7 @@ async fn main() {
     let (model, assets) = load_model(&args.model, args.load_format, dtype, &device).unwrap();
     let load_secs = started.elapsed().as_secs_f64();
     let builder = PromptBuilder::from_checkpoint(&assets.root, &model.config).unwrap();
-    let processor =
-        ImageProcessorConfig::from_file(&assets.file("preprocessor_config.json")).unwrap();
+    let processor = ImageProcessorConfig::for_checkpoint(&assets.root, &model.config).unwrap();
     let t = &model.config.text;
     // Weights a decode step must read: the decoder without its embedding table (lm_head included).
     let decoder_params = t.num_hidden_layers

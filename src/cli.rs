@@ -9,7 +9,7 @@ use llava_server::api::server::ServeOptions;
 use llava_server::api::state::ApiConfig;
 use llava_server::engine::{DecodeGraphs, EngineConfig};
 use llava_server::frontend::media::MediaPolicy;
-use llava_server::model::LoadFormat;
+use llava_server::model::{LoadFormat, OriginalOptions};
 
 /// The tiny random-weight checkpoint shipped with the repository, used by `generate` when no model is named.
 pub const BUNDLED_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny");
@@ -37,6 +37,29 @@ pub enum Command {
     PrintOpenapi,
 }
 
+/// Choices for checkpoints in the original LLaVA format (haotian-liu/LLaVA's `LlavaLlamaForCausalLM`).
+#[derive(Args, Clone, Default)]
+pub struct OriginalFormatArgs {
+    /// The CLIP checkpoint (folder or hub id) in place of the config's `mm_vision_tower`, e.g. where the
+    /// hub cannot be reached or the tower was moved. Original-format checkpoints only.
+    #[arg(long, env = "LLAVA_SERVER_VISION_TOWER")]
+    pub vision_tower: Option<String>,
+    /// A conversation template of the original `conversation.py` (llava_v1, vicuna_v1, llava_v0,
+    /// llava_llama_2, mistral_instruct, chatml_direct, mpt, …); by default inferred from the model's
+    /// name as the original `run_llava.py` does. Original-format checkpoints only.
+    #[arg(long, env = "LLAVA_SERVER_CONV_TEMPLATE")]
+    pub conv_template: Option<String>,
+}
+
+impl OriginalFormatArgs {
+    pub fn options(&self) -> OriginalOptions {
+        OriginalOptions {
+            vision_tower: self.vision_tower.clone(),
+            conv_template: self.conv_template.clone(),
+        }
+    }
+}
+
 #[derive(Args, Clone)]
 pub struct ServeArgs {
     /// Checkpoint: a llava-hf hub id (e.g. llava-hf/llava-1.5-7b-hf) or a local folder in that layout;
@@ -54,6 +77,8 @@ pub struct ServeArgs {
     /// f16 rounding.
     #[arg(long, env = "LLAVA_SERVER_CPU_F16_WEIGHTS")]
     pub cpu_f16_weights: bool,
+    #[command(flatten)]
+    pub original: OriginalFormatArgs,
     /// cpu or cuda:N.
     #[arg(long, env = "LLAVA_SERVER_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -179,6 +204,8 @@ pub struct GenerateArgs {
     /// `auto` or `dummy` (random weights; with dummy, --model may name a built-in shape).
     #[arg(long, env = "LLAVA_SERVER_LOAD_FORMAT", default_value = "auto")]
     pub load_format: LoadFormat,
+    #[command(flatten)]
+    pub original: OriginalFormatArgs,
     /// The user's text.
     #[arg(long, env = "LLAVA_SERVER_PROMPT")]
     pub prompt: String,
@@ -315,6 +342,7 @@ impl ServeArgs {
             load_format: self.load_format,
             dtype: self.dtype,
             cpu_f16_weights: self.cpu_f16_weights,
+            original: self.original.options(),
             device: self.device,
             host: self.host,
             port: self.port,

@@ -14,7 +14,7 @@ use llava_server::frontend::{
     prompt::eos_token_ids, ChatMessage, ChoiceText, ImageProcessorConfig, MessagePart,
     PromptBuilder, Role,
 };
-use llava_server::model::{load_model, parse_device, parse_dtype};
+use llava_server::model::{load_model_with, parse_device, parse_dtype};
 use llava_server::types::SamplingParams;
 
 fn main() {
@@ -65,15 +65,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn run_batch(args: RunBatchArgs) -> anyhow::Result<()> {
     let opts = args.serve.into_options()?;
     let served = tokio::task::spawn_blocking(move || {
-        api::server::load_served_model(
-            &opts.model,
-            opts.load_format,
-            &opts.dtype,
-            opts.cpu_f16_weights,
-            &opts.device,
-            opts.engine,
-        )
-        .map(|m| (m, opts.api, opts.media))
+        api::server::load_served_model(&opts, opts.engine.clone())
+            .map(|m| (m, opts.api, opts.media))
     })
     .await
     .context("model loader panicked")??;
@@ -88,10 +81,16 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let started = std::time::Instant::now();
-    let (model, checkpoint) = load_model(&args.model, args.load_format, dtype, &device)?;
+    let (model, checkpoint) = load_model_with(
+        &args.model,
+        args.load_format,
+        dtype,
+        &device,
+        &args.original.options(),
+    )?;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
     let builder = PromptBuilder::from_checkpoint(&checkpoint.root, &model.config)?;
-    let processor = ImageProcessorConfig::from_file(&checkpoint.file("preprocessor_config.json"))?;
+    let processor = ImageProcessorConfig::for_checkpoint(&checkpoint.root, &model.config)?;
 
     let mut images = Vec::with_capacity(args.images.len());
     for path in &args.images {

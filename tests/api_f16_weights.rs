@@ -83,16 +83,9 @@ async fn f16_weights_are_refused_off_the_f32_cpu_path() {
     let mut opts = options();
     opts.cpu_f16_weights = true;
     opts.dtype = "bf16".into();
-    let error = llava_server::api::server::load_served_model(
-        &opts.model,
-        opts.load_format,
-        &opts.dtype,
-        opts.cpu_f16_weights,
-        &opts.device,
-        opts.engine,
-    )
-    .err()
-    .expect("bf16 with f16 weights is refused");
+    let error = llava_server::api::server::load_served_model(&opts, opts.engine.clone())
+        .err()
+        .expect("bf16 with f16 weights is refused");
     assert!(
         error.to_string().contains("--cpu-f16-weights needs"),
         "{error}"

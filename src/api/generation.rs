@@ -118,7 +118,13 @@ pub async fn prepare_chat(
     let prompt = tokio::task::spawn_blocking(move || builder.build(&messages, images))
         .await
         .map_err(|e| ApiError::internal(format!("tokenizer worker failed: {e}")))??;
-    finish_preparing(model, prompt, valid.generation, constraint, in_flight)
+    let mut generation = valid.generation;
+    for stop in model.builder.template_stop_strings() {
+        if !generation.params.stop.contains(&stop) {
+            generation.params.stop.push(stop);
+        }
+    }
+    finish_preparing(model, prompt, generation, constraint, in_flight)
 }
 
 /// Admission and tokenization of one prompt of a validated completion request (no images, no

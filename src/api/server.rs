@@ -15,7 +15,7 @@ use crate::frontend::media::{MediaFetcher, MediaPolicy};
 use crate::frontend::prompt::eos_token_ids;
 use crate::frontend::structured::StructuredOutputs;
 use crate::frontend::{ImageProcessorConfig, PromptBuilder};
-use crate::model::{load_model, parse_device, parse_dtype, LoadFormat};
+use crate::model::{load_model_with, parse_device, parse_dtype, LoadFormat, OriginalOptions};
 
 /// Everything `serve` needs, as the CLI resolved it.
 #[derive(Debug, Clone)]
@@ -25,6 +25,8 @@ pub struct ServeOptions {
     pub dtype: String,
     /// Decoder linear weights in f16 on the CPU (`--cpu-f16-weights`).
     pub cpu_f16_weights: bool,
+    /// `--vision-tower` and `--conv-template` (original-format checkpoints).
+    pub original: OriginalOptions,
     pub device: String,
     pub host: String,
     pub port: u16,
@@ -41,16 +43,19 @@ pub struct ServeOptions {
 
 /// Loads the model (real or dummy weights), tokenizer, template and image processor, and starts the engine.
 pub fn load_served_model(
-    spec: &str,
-    format: LoadFormat,
-    dtype: &str,
-    cpu_f16_weights: bool,
-    device: &str,
+    opts: &ServeOptions,
     mut engine_config: EngineConfig,
 ) -> anyhow::Result<ServedModel> {
-    let device = parse_device(device)?;
-    let dtype = parse_dtype(dtype)?;
-    let (mut model, assets) = load_model(spec, format, dtype, &device)?;
+    let cpu_f16_weights = opts.cpu_f16_weights;
+    let device = parse_device(&opts.device)?;
+    let dtype = parse_dtype(&opts.dtype)?;
+    let (mut model, assets) = load_model_with(
+        &opts.model,
+        opts.load_format,
+        dtype,
+        &device,
+        &opts.original,
+    )?;
     if cpu_f16_weights {
         anyhow::ensure!(
             device.is_cpu() && dtype == candle_core::DType::F32,
@@ -59,11 +64,11 @@ pub fn load_served_model(
         model.store_decoder_weights_f16()?;
     }
     let builder = PromptBuilder::from_checkpoint(&assets.root, &model.config)?;
-    let processor = ImageProcessorConfig::from_file(&assets.file("preprocessor_config.json"))?;
+    let processor = ImageProcessorConfig::for_checkpoint(&assets.root, &model.config)?;
     let vocab_size = model.config.text.vocab_size;
     engine_config.eos_token_ids = eos_token_ids(&assets.root);
-    let structured = StructuredOutputs::from_checkpoint(
-        &assets.root,
+    let structured = StructuredOutputs::for_tokenizer(
+        builder.tokenizer(),
         vocab_size,
         engine_config.eos_token_ids.first().copied().unwrap_or(2),
     )?;
@@ -103,14 +108,7 @@ pub async fn spawn(
         let state = state.clone();
         let opts = opts.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let served = load_served_model(
-                &opts.model,
-                opts.load_format,
-                &opts.dtype,
-                opts.cpu_f16_weights,
-                &opts.device,
-                opts.engine,
-            )?;
+            let served = load_served_model(&opts, opts.engine.clone())?;
             let _ = state.model.set(served);
             tracing::info!(model = %opts.api.served_model_name, "model loaded; ready");
             Ok(())

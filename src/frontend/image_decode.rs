@@ -34,20 +34,31 @@ pub fn decode_rgb(
     bytes: &[u8],
     header: &ImageHeader,
     max_pixels: u64,
+    alpha: Alpha,
 ) -> Result<Image8, FrontendError> {
     let image = match header.format {
         ImageFormat::Jpeg => {
             jpeg::decode(bytes, header.size()).map_err(|e| FrontendError::Image(e.to_string()))?
         }
-        _ => decode_with_image_crate(bytes, header, max_pixels)?,
+        _ => decode_with_image_crate(bytes, header, max_pixels, alpha)?,
     };
     Ok(image)
+}
+
+/// What RGB conversion does with transparency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpha {
+    /// transformers' `convert_rgb`: composited onto white.
+    CompositeOnWhite,
+    /// Pillow's `convert("RGB")`, which the original LLaVA code calls: the alpha channel is dropped.
+    Drop,
 }
 
 fn decode_with_image_crate(
     bytes: &[u8],
     header: &ImageHeader,
     max_pixels: u64,
+    alpha: Alpha,
 ) -> Result<Image8, FrontendError> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), header.format);
     // The decoders' own limits too, so that nothing the header did not announce (a GIF frame larger than
@@ -70,13 +81,13 @@ fn decode_with_image_crate(
             header.height
         )));
     }
-    Ok(to_rgb8(&decoded))
+    Ok(to_rgb8(&decoded, alpha))
 }
 
 /// Header, limits and decode in one call, for callers that hold only the bytes.
 pub fn read_and_decode(bytes: &[u8], max_pixels: u64) -> Result<Image8, FrontendError> {
     let header = read_header(bytes, max_pixels).map_err(FrontendError::from)?;
-    decode_rgb(bytes, &header, max_pixels)
+    decode_rgb(bytes, &header, max_pixels, Alpha::CompositeOnWhite)
 }
 
 impl From<MediaError> for FrontendError {
@@ -85,11 +96,11 @@ impl From<MediaError> for FrontendError {
     }
 }
 
-/// RGB conversion as transformers does it: transparency is composited onto white with Pillow's
-/// `alpha_composite` integer arithmetic; images without alpha convert directly.
-pub fn to_rgb8(img: &image::DynamicImage) -> Image8 {
+/// RGB conversion: as transformers does it, transparency composited onto white with Pillow's
+/// `alpha_composite` integer arithmetic, or dropped; images without alpha convert directly.
+pub fn to_rgb8(img: &image::DynamicImage, alpha: Alpha) -> Image8 {
     let (width, height) = (img.width() as usize, img.height() as usize);
-    let data = if img.color().has_alpha() {
+    let data = if img.color().has_alpha() && alpha == Alpha::CompositeOnWhite {
         img.to_rgba8()
             .pixels()
             .flat_map(|p| {

@@ -7,27 +7,52 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
-use super::image_decode::{decode_rgb, DEFAULT_MAX_PIXELS};
+use super::image_decode::{decode_rgb, Alpha, DEFAULT_MAX_PIXELS};
 use super::media::read_header;
 use super::pil_resize::{resize_bicubic, Image8};
 use super::FrontendError;
+use crate::model::config::LlavaConfig;
 use crate::types::ProcessedImage;
 
-#[derive(Debug, Clone, Deserialize)]
-struct RawSize {
+#[derive(Debug, Clone, Default, Deserialize)]
+struct RawSizeDict {
     shortest_edge: Option<usize>,
     height: Option<usize>,
     width: Option<usize>,
+}
+
+/// A size as a dict, or an old-style int (CLIPFeatureExtractor configs, as `openai/clip-vit-*`
+/// ship): `size: 336` is a shortest edge and `crop_size: 336` a square, as transformers reads them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum RawSizeField {
+    Int(usize),
+    Dict(RawSizeDict),
+}
+
+fn size_dict(field: Option<RawSizeField>, int_is_square: bool) -> Option<RawSizeDict> {
+    field.map(|f| match f {
+        RawSizeField::Dict(d) => d,
+        RawSizeField::Int(n) if int_is_square => RawSizeDict {
+            height: Some(n),
+            width: Some(n),
+            ..RawSizeDict::default()
+        },
+        RawSizeField::Int(n) => RawSizeDict {
+            shortest_edge: Some(n),
+            ..RawSizeDict::default()
+        },
+    })
 }
 
 #[derive(Debug, Clone, Deserialize)]
 struct RawProcessorConfig {
     image_processor_type: Option<String>,
     do_resize: Option<bool>,
-    size: Option<RawSize>,
+    size: Option<RawSizeField>,
     resample: Option<u32>,
     do_center_crop: Option<bool>,
-    crop_size: Option<RawSize>,
+    crop_size: Option<RawSizeField>,
     do_rescale: Option<bool>,
     rescale_factor: Option<f64>,
     do_normalize: Option<bool>,
@@ -57,6 +82,8 @@ pub struct ImageProcessorConfig {
     pub convert_rgb: bool,
     pub pad_to_square: bool,
     pub image_mean: [f64; 3],
+    /// transformers composites transparency onto white; the original LLaVA code drops it.
+    pub alpha: Alpha,
 }
 
 const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -73,6 +100,22 @@ fn three(name: &str, v: Option<Vec<f64>>, default: [f64; 3]) -> Result<[f64; 3],
 }
 
 impl ImageProcessorConfig {
+    /// The processor a checkpoint's images get: its own `preprocessor_config.json`, or for the
+    /// original format its CLIP tower's, with the model config's `pad` and the original's RGB
+    /// conversion (`load_image` then `process_images` of llava-torch).
+    pub fn for_checkpoint(dir: &Path, config: &LlavaConfig) -> Result<Self, FrontendError> {
+        match &config.original {
+            None => Self::from_file(&dir.join("preprocessor_config.json")),
+            Some(original) => {
+                let path = original.vision_tower.join("preprocessor_config.json");
+                let mut processor = Self::from_file(&path)?;
+                processor.pad_to_square = original.pad_to_square;
+                processor.alpha = Alpha::Drop;
+                Ok(processor)
+            }
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, FrontendError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| FrontendError::Config(format!("cannot read {}: {e}", path.display())))?;
@@ -101,13 +144,13 @@ impl ImageProcessorConfig {
             )));
         }
         let resize = if raw.do_resize.unwrap_or(true) {
-            Some(match raw.size {
+            Some(match size_dict(raw.size, false) {
                 None => ResizeTarget::ShortestEdge(224),
-                Some(RawSize {
+                Some(RawSizeDict {
                     shortest_edge: Some(s),
                     ..
                 }) => ResizeTarget::ShortestEdge(s),
-                Some(RawSize {
+                Some(RawSizeDict {
                     height: Some(height),
                     width: Some(width),
                     ..
@@ -122,14 +165,14 @@ impl ImageProcessorConfig {
             None
         };
         let crop = if raw.do_center_crop.unwrap_or(true) {
-            Some(match raw.crop_size {
+            Some(match size_dict(raw.crop_size, true) {
                 None => (224, 224),
-                Some(RawSize {
+                Some(RawSizeDict {
                     height: Some(h),
                     width: Some(w),
                     ..
                 }) => (h, w),
-                Some(RawSize {
+                Some(RawSizeDict {
                     shortest_edge: Some(s),
                     ..
                 }) => (s, s),
@@ -162,6 +205,7 @@ impl ImageProcessorConfig {
             convert_rgb: raw.do_convert_rgb.unwrap_or(true),
             pad_to_square: is_llava && raw.do_pad.unwrap_or(false),
             image_mean: mean,
+            alpha: Alpha::CompositeOnWhite,
         })
     }
 
@@ -185,7 +229,7 @@ impl ImageProcessorConfig {
         let header = read_header(bytes, max_pixels)?;
         let (width, height) = header.size();
         self.check_sizes(width, height, max_pixels)?;
-        decode_rgb(bytes, &header, max_pixels)
+        decode_rgb(bytes, &header, max_pixels, self.alpha)
     }
 
     /// Refuses an image whose pad canvas, resize target or resize intermediate (Pillow resizes one axis,

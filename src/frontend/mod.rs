@@ -2,6 +2,7 @@
 //! tokenization with image placeholders. Knows the model only through `model::config`.
 
 pub mod chat_template;
+pub mod conversation;
 pub mod detokenizer;
 pub mod image_decode;
 pub mod image_processor;
@@ -9,6 +10,7 @@ mod jpeg;
 pub mod media;
 pub mod pil_resize;
 pub mod prompt;
+pub mod sentencepiece;
 pub mod structured;
 
 pub use detokenizer::{ChoiceText, IncrementalDetokenizer, TextDelta};

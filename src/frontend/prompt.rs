@@ -1,12 +1,17 @@
-//! Chat messages → model input: the chat template renders them, the tokenizer encodes the text, and
-//! each image token becomes the run of placeholders its features will fill (HF's LlavaProcessor does
-//! the same expansion on the string; expanding the ids is equivalent since `<image>` is a special token).
+//! Chat messages → model input. A llava-hf checkpoint: its chat template renders them, the tokenizer
+//! encodes the text, and each image token becomes the run of placeholders its features will fill (HF's
+//! LlavaProcessor does the same expansion on the string; expanding the ids is equivalent since
+//! `<image>` is a special token). An original-format checkpoint: a `conversation.py` template renders
+//! them, and the text is tokenized piece by piece between `<image>` markers, as the original
+//! `tokenizer_image_token` does.
 
 use std::path::Path;
 use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 use super::chat_template::{ChatTemplate, TemplateMessage, TemplatePart};
+use super::conversation::{infer_template_name, ConvTemplate, Turn};
+use super::sentencepiece::{load_original_tokenizer, SlowPrefix};
 use super::FrontendError;
 use crate::model::config::LlavaConfig;
 use crate::types::{ImageSpan, ProcessedImage, TokenizedPrompt};
@@ -42,10 +47,28 @@ pub struct ChatMessage {
     pub parts: Vec<MessagePart>,
 }
 
+/// How messages become text and text becomes ids.
+enum PromptFormat {
+    /// llava-hf: the checkpoint's Jinja template; the whole text tokenized at once.
+    ChatTemplate(ChatTemplate),
+    /// The original format: a `conversation.py` template; images marked with `<image>`.
+    Conversation {
+        template: &'static ConvTemplate,
+        /// What one image becomes in a user turn's text (`<image>\n`, or wrapped in
+        /// `<im_start>`/`<im_end>`), before the turn's text as the original CLI puts it.
+        image_marker: &'static str,
+    },
+}
+
+/// The marker `tokenizer_image_token` splits the original format's prompts at.
+const IMAGE_MARKER: &str = "<image>";
+
 /// Renders and tokenizes prompts for one checkpoint.
 pub struct PromptBuilder {
     tokenizer: Arc<Tokenizer>,
-    template: ChatTemplate,
+    /// Set for a `legacy: false` SentencePiece tokenizer: text is prepared as the slow tokenizer does.
+    slow_prefix: Option<SlowPrefix>,
+    format: PromptFormat,
     bos_token: String,
     eos_token: String,
     image_token_id: u32,
@@ -55,10 +78,36 @@ pub struct PromptBuilder {
 }
 
 impl PromptBuilder {
-    /// Reads `tokenizer.json`, `tokenizer_config.json` and the chat template from the checkpoint folder.
+    /// Reads the tokenizer, `tokenizer_config.json` and the chat template from the checkpoint folder;
+    /// for an original-format checkpoint, the SentencePiece model and a `conversation.py` template.
     pub fn from_checkpoint(dir: &Path, config: &LlavaConfig) -> Result<Self, FrontendError> {
-        let tokenizer = load_tokenizer(dir)?;
-        let template = ChatTemplate::from_checkpoint(dir)?;
+        let (tokenizer, slow_prefix, format) = match &config.original {
+            None => (
+                load_tokenizer(dir)?,
+                None,
+                PromptFormat::ChatTemplate(ChatTemplate::from_checkpoint(dir)?),
+            ),
+            Some(original) => {
+                let name = original
+                    .conv_template
+                    .as_deref()
+                    .unwrap_or_else(|| infer_template_name(&original.model_name));
+                let image_marker = if original.use_im_start_end {
+                    "<im_start><image><im_end>\n"
+                } else {
+                    "<image>\n"
+                };
+                let (tokenizer, slow_prefix) = load_original_tokenizer(dir)?;
+                (
+                    tokenizer,
+                    slow_prefix,
+                    PromptFormat::Conversation {
+                        template: ConvTemplate::by_name(name)?,
+                        image_marker,
+                    },
+                )
+            }
+        };
         let special = SpecialTokens::from_checkpoint(dir)?;
         if tokenizer.id_to_token(config.image_token_id).is_none() {
             return Err(FrontendError::Config(format!(
@@ -79,7 +128,8 @@ impl PromptBuilder {
         Ok(Self {
             max_token_bytes,
             tokenizer: Arc::new(tokenizer),
-            template,
+            slow_prefix,
+            format,
             bos_token: special.bos,
             eos_token: special.eos,
             image_token_id: config.image_token_id,
@@ -112,26 +162,47 @@ impl PromptBuilder {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, FrontendError> {
-        let messages: Vec<TemplateMessage> = messages
-            .iter()
-            .map(|m| TemplateMessage {
-                role: m.role.as_str(),
-                content: m
-                    .parts
+        match &self.format {
+            PromptFormat::ChatTemplate(template) => {
+                let messages: Vec<TemplateMessage> = messages
                     .iter()
-                    .map(|p| match p {
-                        MessagePart::Text(text) => TemplatePart::Text { text: text.clone() },
-                        MessagePart::Image => TemplatePart::Image,
+                    .map(|m| TemplateMessage {
+                        role: m.role.as_str(),
+                        content: m
+                            .parts
+                            .iter()
+                            .map(|p| match p {
+                                MessagePart::Text(text) => {
+                                    TemplatePart::Text { text: text.clone() }
+                                }
+                                MessagePart::Image => TemplatePart::Image,
+                            })
+                            .collect(),
                     })
-                    .collect(),
-            })
-            .collect();
-        self.template.render(
-            &messages,
-            &self.bos_token,
-            &self.eos_token,
-            add_generation_prompt,
-        )
+                    .collect();
+                template.render(
+                    &messages,
+                    &self.bos_token,
+                    &self.eos_token,
+                    add_generation_prompt,
+                )
+            }
+            PromptFormat::Conversation {
+                template,
+                image_marker,
+            } => {
+                let (system, turns) = conversation_turns(messages, image_marker)?;
+                template.render(system.as_deref(), &turns, add_generation_prompt)
+            }
+        }
+    }
+
+    /// Stop strings the template implies (`###` for `llava_v0`), which chat requests add to theirs.
+    pub fn template_stop_strings(&self) -> Vec<String> {
+        match &self.format {
+            PromptFormat::ChatTemplate(_) => Vec::new(),
+            PromptFormat::Conversation { template, .. } => template.stop_strings(),
+        }
     }
 
     /// Whether tokenizing `text` adds BOS: not when the template already put it there.
@@ -146,6 +217,9 @@ impl PromptBuilder {
         text: &str,
         add_special: bool,
     ) -> Result<(Vec<u32>, Vec<ImageSpan>), FrontendError> {
+        if let PromptFormat::Conversation { .. } = self.format {
+            return self.chunked_ids(text, add_special);
+        }
         let encoding = self
             .tokenizer
             .encode(text, add_special)
@@ -160,14 +234,61 @@ impl PromptBuilder {
         let mut image_spans = Vec::with_capacity(placeholders);
         for &id in compact {
             if id == self.image_token_id {
-                image_spans.push(ImageSpan {
-                    start: token_ids.len(),
-                    len: self.features_per_image,
-                });
-                token_ids.extend(std::iter::repeat_n(id, self.features_per_image));
+                self.push_image(&mut token_ids, &mut image_spans);
             } else {
                 token_ids.push(id);
             }
+        }
+        Ok((token_ids, image_spans))
+    }
+
+    fn push_image(&self, token_ids: &mut Vec<u32>, image_spans: &mut Vec<ImageSpan>) {
+        image_spans.push(ImageSpan {
+            start: token_ids.len(),
+            len: self.features_per_image,
+        });
+        token_ids.extend(std::iter::repeat_n(
+            self.image_token_id,
+            self.features_per_image,
+        ));
+    }
+
+    /// Token ids of `text` as the checkpoint's reference tokenizer gives them (`add_special`: BOS).
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, FrontendError> {
+        let error = |e: tokenizers::Error| FrontendError::Tokenizer(e.to_string());
+        let Some(prefix) = &self.slow_prefix else {
+            let encoding = self.tokenizer.encode(text, add_special).map_err(error)?;
+            return Ok(encoding.get_ids().to_vec());
+        };
+        let encoding = self
+            .tokenizer
+            .encode(prefix.prepare(text), add_special)
+            .map_err(error)?;
+        let mut ids = encoding.get_ids().to_vec();
+        let bos = encoding
+            .get_special_tokens_mask()
+            .iter()
+            .take_while(|&&m| m == 1)
+            .count()
+            .min(usize::from(add_special));
+        prefix.finish(&mut ids, bos);
+        Ok(ids)
+    }
+
+    /// The original `tokenizer_image_token`: each stretch between `<image>` markers is tokenized on
+    /// its own (so each gets the tokenizer's leading `▁`), BOS only before the first.
+    fn chunked_ids(
+        &self,
+        text: &str,
+        add_special: bool,
+    ) -> Result<(Vec<u32>, Vec<ImageSpan>), FrontendError> {
+        let mut token_ids = Vec::new();
+        let mut image_spans = Vec::new();
+        for (i, chunk) in text.split(IMAGE_MARKER).enumerate() {
+            if i > 0 {
+                self.push_image(&mut token_ids, &mut image_spans);
+            }
+            token_ids.extend(self.encode(chunk, add_special && i == 0)?);
         }
         Ok((token_ids, image_spans))
     }
@@ -210,6 +331,51 @@ impl PromptBuilder {
             .decode(ids, true)
             .map_err(|e| FrontendError::Tokenizer(e.to_string()))
     }
+}
+
+/// The messages as the original CLI builds a conversation: system messages replace the template's
+/// system sentence; each image of a user message becomes `image_marker` before its text.
+fn conversation_turns(
+    messages: &[ChatMessage],
+    image_marker: &str,
+) -> Result<(Option<String>, Vec<Turn>), FrontendError> {
+    let mut system: Vec<String> = Vec::new();
+    let mut turns = Vec::new();
+    for message in messages {
+        let images = message
+            .parts
+            .iter()
+            .filter(|p| matches!(p, MessagePart::Image))
+            .count();
+        let texts: Vec<&str> = message
+            .parts
+            .iter()
+            .filter_map(|p| match p {
+                MessagePart::Text(t) => Some(t.as_str()),
+                MessagePart::Image => None,
+            })
+            .collect();
+        if images > 0 && message.role != Role::User {
+            return Err(FrontendError::Template(format!(
+                "images can only be sent in user messages with this model's conversation template, not in a {} message",
+                message.role.as_str()
+            )));
+        }
+        let text = texts.join("\n");
+        match message.role {
+            Role::System => system.push(text),
+            Role::User => turns.push(Turn {
+                assistant: false,
+                text: format!("{}{text}", image_marker.repeat(images)),
+            }),
+            Role::Assistant => turns.push(Turn {
+                assistant: true,
+                text,
+            }),
+        }
+    }
+    let system = (!system.is_empty()).then(|| system.join("\n"));
+    Ok((system, turns))
 }
 
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, FrontendError> {

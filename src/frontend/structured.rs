@@ -54,6 +54,21 @@ struct GrammarCache {
 
 impl StructuredOutputs {
     /// From the checkpoint's `tokenizer.json`.
+    /// For the tokenizer a checkpoint is served with (its `tokenizer.json`, or the one converted from
+    /// an original-format checkpoint's SentencePiece model).
+    pub fn for_tokenizer(
+        tokenizer: &tokenizers::Tokenizer,
+        vocab_size: usize,
+        eos: u32,
+    ) -> Result<Self, FrontendError> {
+        let text = tokenizer
+            .to_string(false)
+            .map_err(|e| FrontendError::Config(format!("cannot serialize the tokenizer: {e}")))?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| FrontendError::Config(format!("the tokenizer's JSON: {e}")))?;
+        Self::new(&json, vocab_size, eos)
+    }
+
     pub fn from_checkpoint(
         dir: &std::path::Path,
         vocab_size: usize,

@@ -1,5 +1,5 @@
 //! Finding a checkpoint's files: a local folder, or a hub id fetched into the hub cache (`hub`), and
-//! the list of safetensors files (one file, or shards named by an index).
+//! its weight files: safetensors or PyTorch `.bin` pickles, one file or shards named by an index.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use super::hub::{HubConfig, HubRepo};
 use super::ModelError;
 
-/// A folder that holds a llava-hf checkpoint (a local folder or the hub cache's snapshot).
+/// A folder that holds a checkpoint (a local folder or the hub cache's snapshot): llava-hf, the
+/// original LLaVA format, or the CLIP tower an original-format checkpoint names.
 #[derive(Debug, Clone)]
 pub struct CheckpointDir {
     pub root: PathBuf,
@@ -24,9 +25,39 @@ const HUB_FILES: &[&str] = &[
     "chat_template.jinja",
     "preprocessor_config.json",
     "processor_config.json",
+    // Original-format checkpoints: a SentencePiece model and the slow tokenizer's added tokens.
+    "tokenizer.model",
+    "added_tokens.json",
 ];
-const INDEX_FILE: &str = "model.safetensors.index.json";
-const SINGLE_FILE: &str = "model.safetensors";
+
+/// Where weights may be, in the order they are looked for: (index of shards, single file, format).
+const WEIGHT_LAYOUTS: &[(&str, &str, WeightFormat)] = &[
+    (
+        "model.safetensors.index.json",
+        "model.safetensors",
+        WeightFormat::Safetensors,
+    ),
+    (
+        "pytorch_model.bin.index.json",
+        "pytorch_model.bin",
+        WeightFormat::TorchBin,
+    ),
+];
+
+/// How a checkpoint's weight files are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    Safetensors,
+    /// `torch.save` zips, read by `torch_bin` without running pickle code.
+    TorchBin,
+}
+
+/// A checkpoint's weight files, every one present.
+#[derive(Debug, Clone)]
+pub struct WeightFiles {
+    pub format: WeightFormat,
+    pub files: Vec<PathBuf>,
+}
 
 /// A local folder when `spec` names one, otherwise a hub id downloaded into the hub cache.
 pub fn resolve_checkpoint(spec: &str) -> Result<CheckpointDir, ModelError> {
@@ -59,7 +90,7 @@ fn download_from_hub(repo_id: &str) -> Result<CheckpointDir, ModelError> {
     if !repo.has("config.json") {
         return Err(ModelError::Hub {
             repo: repo_id.to_owned(),
-            message: "the repository has no config.json: not a llava-hf checkpoint".into(),
+            message: "the repository has no config.json: not a checkpoint".into(),
         });
     }
     for name in HUB_FILES {
@@ -67,13 +98,27 @@ fn download_from_hub(repo_id: &str) -> Result<CheckpointDir, ModelError> {
             repo.fetch(name)?;
         }
     }
-    if repo.has(INDEX_FILE) {
-        let index = repo.fetch(INDEX_FILE)?;
-        for shard in shard_names(&index)? {
-            repo.fetch(&shard)?;
+    // The first layout the repository has, as `weights()` looks for them on disk.
+    let layout = WEIGHT_LAYOUTS
+        .iter()
+        .find(|(index, single, _)| repo.has(index) || repo.has(single));
+    match layout {
+        Some((index, _, _)) if repo.has(index) => {
+            let index = repo.fetch(index)?;
+            for shard in shard_names(&index)? {
+                repo.fetch(&shard)?;
+            }
         }
-    } else {
-        repo.fetch(SINGLE_FILE)?;
+        Some((_, single, _)) => {
+            repo.fetch(single)?;
+        }
+        None => {
+            return Err(ModelError::Hub {
+                repo: repo_id.to_owned(),
+                message: "the repository has neither safetensors nor pytorch_model.bin weights"
+                    .into(),
+            })
+        }
     }
     Ok(CheckpointDir {
         root: repo.snapshot(),
@@ -111,28 +156,34 @@ impl CheckpointDir {
         self.root.join(name)
     }
 
-    /// The safetensors files holding the weights; every shard the index names must exist.
-    pub fn weight_files(&self) -> Result<Vec<PathBuf>, ModelError> {
-        let index = self.file(INDEX_FILE);
-        if index.is_file() {
-            let files: Vec<PathBuf> = shard_names(&index)?
-                .into_iter()
-                .map(|name| self.file(&name))
-                .collect();
-            if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-                return Err(ModelError::Checkpoint(format!(
-                    "shard {} named by {INDEX_FILE} is missing",
-                    missing.display()
-                )));
+    /// The weight files: safetensors when present, else PyTorch `.bin`; sharded when an index names
+    /// the shards, every one of which must exist.
+    pub fn weights(&self) -> Result<WeightFiles, ModelError> {
+        for &(index, single, format) in WEIGHT_LAYOUTS {
+            let index_path = self.file(index);
+            if index_path.is_file() {
+                let files: Vec<PathBuf> = shard_names(&index_path)?
+                    .into_iter()
+                    .map(|name| self.file(&name))
+                    .collect();
+                if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+                    return Err(ModelError::Checkpoint(format!(
+                        "shard {} named by {index} is missing",
+                        missing.display()
+                    )));
+                }
+                return Ok(WeightFiles { format, files });
             }
-            return Ok(files);
-        }
-        let single = self.file(SINGLE_FILE);
-        if single.is_file() {
-            return Ok(vec![single]);
+            let single = self.file(single);
+            if single.is_file() {
+                return Ok(WeightFiles {
+                    format,
+                    files: vec![single],
+                });
+            }
         }
         Err(ModelError::Checkpoint(format!(
-            "{} has neither {SINGLE_FILE} nor {INDEX_FILE}",
+            "{} has no weights (model.safetensors, pytorch_model.bin or a sharded index of either)",
             self.root.display()
         )))
     }

@@ -69,8 +69,8 @@ struct RawRopeParameters {
 
 /// The decoder part of the config as written on disk; every field optional so LlamaConfig defaults apply.
 #[derive(Debug, Clone, Default, Deserialize)]
-struct RawTextConfig {
-    model_type: Option<String>,
+pub(super) struct RawTextConfig {
+    pub(super) model_type: Option<String>,
     vocab_size: Option<usize>,
     hidden_size: Option<usize>,
     intermediate_size: Option<usize>,
@@ -91,7 +91,7 @@ struct RawTextConfig {
 
 /// The CLIP vision part as written on disk; every field optional so CLIPVisionConfig defaults apply.
 #[derive(Debug, Clone, Default, Deserialize)]
-struct RawVisionConfig {
+pub(super) struct RawVisionConfig {
     model_type: Option<String>,
     hidden_size: Option<usize>,
     intermediate_size: Option<usize>,
@@ -167,9 +167,13 @@ pub struct LlavaConfig {
     pub image_token_id: u32,
     pub projector_hidden_act: Activation,
     pub projector_bias: bool,
+    /// Linear layers of the projector: 2 for llava-hf and `mlp2x_gelu`, 1 for v1's `linear`.
+    pub projector_depth: usize,
     pub vision_feature_layers: Vec<i64>,
     pub feature_select_strategy: FeatureSelectStrategy,
     pub storage_dtype: Option<StorageDtype>,
+    /// Set for checkpoints in the original LLaVA format (`original`).
+    pub original: Option<super::original::OriginalFormat>,
 }
 
 impl LlavaConfig {
@@ -210,15 +214,7 @@ impl LlavaConfig {
             .unwrap_or(FeatureLayers::One(-2))
             .as_slice()
             .to_vec();
-        let num_states = vision.num_hidden_layers as i64 + 1;
-        for &layer in &vision_feature_layers {
-            if layer >= num_states || layer < -num_states {
-                return Err(ModelError::Config(format!(
-                    "vision_feature_layer {layer} is out of range for {} CLIP layers",
-                    vision.num_hidden_layers
-                )));
-            }
-        }
+        check_feature_layers(&vision_feature_layers, &vision)?;
         let mut text = text;
         // A top-level tie_word_embeddings (the hub writes it there) overrides the text default.
         if let Some(tie) = raw.tie_word_embeddings {
@@ -230,13 +226,32 @@ impl LlavaConfig {
             image_token_id: raw.image_token_index.unwrap_or(32000),
             projector_hidden_act: raw.projector_hidden_act.unwrap_or(Activation::Gelu),
             projector_bias: raw.multimodal_projector_bias.unwrap_or(true),
+            projector_depth: 2,
             vision_feature_layers,
             feature_select_strategy: raw
                 .vision_feature_select_strategy
                 .unwrap_or(FeatureSelectStrategy::Default),
             storage_dtype: raw.dtype.or(raw.torch_dtype),
+            original: None,
         })
     }
+}
+
+/// Each feature layer indexes CLIP's hidden states (embeddings + one per layer), from either end.
+pub(super) fn check_feature_layers(
+    layers: &[i64],
+    vision: &VisionConfig,
+) -> Result<(), ModelError> {
+    let num_states = vision.num_hidden_layers as i64 + 1;
+    for &layer in layers {
+        if layer >= num_states || layer < -num_states {
+            return Err(ModelError::Config(format!(
+                "vision feature layer {layer} is out of range for {} CLIP layers",
+                vision.num_hidden_layers
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn positive(name: &str, v: usize) -> Result<usize, ModelError> {
@@ -247,7 +262,7 @@ fn positive(name: &str, v: usize) -> Result<usize, ModelError> {
 }
 
 /// LlamaConfig defaults (transformers) for every field the file leaves out.
-fn text_config(raw: RawTextConfig) -> Result<TextConfig, ModelError> {
+pub(super) fn text_config(raw: RawTextConfig) -> Result<TextConfig, ModelError> {
     if let Some(mt) = &raw.model_type {
         if mt != "llama" {
             return Err(ModelError::Config(format!(
@@ -330,7 +345,7 @@ fn check_rope_type(kind: Option<&str>) -> Result<(), ModelError> {
 
 /// CLIPVisionConfig defaults, or LlavaConfig's own vision defaults (CLIP ViT-L/14-336) when the whole
 /// `vision_config` is missing.
-fn vision_config(raw: Option<RawVisionConfig>) -> Result<VisionConfig, ModelError> {
+pub(super) fn vision_config(raw: Option<RawVisionConfig>) -> Result<VisionConfig, ModelError> {
     let (raw, base) = match raw {
         Some(raw) => (
             raw,

@@ -5,8 +5,42 @@
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
-/// Names of the built-in shapes accepted in place of a checkpoint with `--load-format dummy`.
-pub const BUILTIN_SHAPES: &[&str] = &["llava-1.5-7b", "llava-1.5-13b", "llava-mid"];
+/// Names of the built-in shapes accepted in place of a checkpoint with `--load-format dummy`: llava-hf
+/// shapes, and the original-format checkpoints under their hub ids.
+pub const BUILTIN_SHAPES: &[&str] = &[
+    "llava-1.5-7b",
+    "llava-1.5-13b",
+    "llava-mid",
+    "liuhaotian/llava-v1.5-7b",
+    "liuhaotian/llava-v1.5-13b",
+];
+
+/// The flat `config.json` of an original-format built-in shape (as `liuhaotian/llava-v1.5-{7b,13b}`
+/// publish it) and the `config.json` of its CLIP tower (`openai/clip-vit-large-patch14-336`, vision
+/// half).
+pub fn builtin_original_config(name: &str) -> Option<(String, String)> {
+    let (hidden, intermediate, layers, heads) = match name {
+        "liuhaotian/llava-v1.5-7b" => (4096, 11008, 32, 32),
+        "liuhaotian/llava-v1.5-13b" => (5120, 13824, 40, 40),
+        _ => return None,
+    };
+    let flat = format!(
+        r#"{{
+  "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_act": "silu",
+  "hidden_size": {hidden}, "intermediate_size": {intermediate}, "num_hidden_layers": {layers},
+  "num_attention_heads": {heads}, "num_key_value_heads": {heads}, "max_position_embeddings": 4096,
+  "rms_norm_eps": 1e-05, "vocab_size": 32000, "tie_word_embeddings": false, "torch_dtype": "float16",
+  "image_aspect_ratio": "pad", "mm_hidden_size": 1024, "mm_projector_type": "mlp2x_gelu",
+  "mm_use_im_patch_token": false, "mm_use_im_start_end": false, "mm_vision_select_feature": "patch",
+  "mm_vision_select_layer": -2, "mm_vision_tower": "openai/clip-vit-large-patch14-336"
+}}"#
+    );
+    let tower = r#"{"architectures": ["CLIPModel"], "model_type": "clip", "vision_config": {
+  "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+  "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768,
+  "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05}}"#;
+    Some((flat, tower.to_owned()))
+}
 
 /// Decoder and vision tower sizes of a built-in shape.
 struct Shapes {
@@ -90,7 +124,10 @@ mod tests {
     use crate::model::config::LlavaConfig;
 
     fn params(name: &str) -> usize {
-        let c = LlavaConfig::from_json(&builtin_config(name).unwrap()).unwrap();
+        params_of(&LlavaConfig::from_json(&builtin_config(name).unwrap()).unwrap())
+    }
+
+    fn params_of(c: &LlavaConfig) -> usize {
         let t = &c.text;
         let layer = 4 * t.hidden_size * t.hidden_size
             + 3 * t.hidden_size * t.intermediate_size
@@ -123,5 +160,30 @@ mod tests {
         let mid = params("llava-mid") as f64 / 1e6;
         assert!((mid - 307.6).abs() < 0.1, "{mid}");
         assert!(builtin_config("llava-2").is_none());
+    }
+
+    #[test]
+    fn original_builtin_shapes_have_the_published_sizes() {
+        for (name, billions) in [
+            ("liuhaotian/llava-v1.5-7b", 7.06),
+            ("liuhaotian/llava-v1.5-13b", 13.35),
+        ] {
+            let (flat, tower) = builtin_original_config(name).unwrap();
+            let c = crate::model::original::config_with_tower(
+                name,
+                &flat,
+                &tower,
+                std::path::PathBuf::new(),
+                &Default::default(),
+            )
+            .unwrap();
+            let p = params_of(&c) as f64 / 1e9;
+            assert!((p - billions).abs() < 0.03, "{name}: {p}");
+            assert_eq!(c.projector_depth, 2);
+            assert_eq!(c.image_feature_count(), 576);
+            let original = c.original.unwrap();
+            assert!(original.pad_to_square && !original.use_im_start_end);
+            assert_eq!(original.model_name, name.trim_start_matches("liuhaotian/"));
+        }
     }
 }

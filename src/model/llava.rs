@@ -5,15 +5,17 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::AttentionMetadata;
-use super::checkpoint::CheckpointDir;
+use super::checkpoint::{CheckpointDir, WeightFiles, WeightFormat};
 use super::clip::ClipVisionTower;
 use super::config::{FeatureSelectStrategy, LlavaConfig};
 use super::kv_cache::{KvCache, KvCacheShape};
 use super::llama::LlamaDecoder;
 use super::projector::Projector;
+use super::torch_bin::TorchBinWeights;
 use super::ModelError;
 
-/// Tensor-name prefixes of the two layouts llava-hf checkpoints exist in.
+/// Tensor-name prefixes of the two layouts llava-hf checkpoints exist in (the original format's are
+/// in `LlavaModel::load`).
 struct NameLayout {
     vision: &'static str,
     projector: &'static str,
@@ -36,6 +38,38 @@ const NESTED_LAYOUT: NameLayout = NameLayout {
     lm_head: "lm_head",
 };
 
+/// Where each part's weights are.
+struct Parts<'a> {
+    vision: VarBuilder<'a>,
+    projector: VarBuilder<'a>,
+    decoder: VarBuilder<'a>,
+    lm_head: VarBuilder<'a>,
+}
+
+/// A `VarBuilder` over a checkpoint's weight files, whichever format they are in.
+fn var_builder(
+    weights: &WeightFiles,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, ModelError> {
+    match weights.format {
+        // SAFETY: the files are memory-mapped read-only; a checkpoint changed on disk while we run
+        // is outside what we defend against (as everywhere safetensors are mmapped).
+        WeightFormat::Safetensors => {
+            unsafe { VarBuilder::from_mmaped_safetensors(&weights.files, dtype, device) }
+                .map_err(|e| ModelError::Weights(e.to_string()))
+        }
+        WeightFormat::TorchBin => {
+            let tensors = TorchBinWeights::open(&weights.files)?;
+            Ok(VarBuilder::from_backend(
+                Box::new(tensors),
+                dtype,
+                device.clone(),
+            ))
+        }
+    }
+}
+
 /// One forward step's inputs: flattened tokens of all scheduled sequences.
 pub struct ForwardInput<'a> {
     /// `[num_tokens]` u32 token ids; image placeholders included.
@@ -57,19 +91,29 @@ pub struct LlavaModel {
 }
 
 impl LlavaModel {
-    /// Loads weights (memory-mapped) from the checkpoint into `dtype` on `device`.
+    /// Loads weights (safetensors memory-mapped, `.bin` read through) into `dtype` on `device`; an
+    /// original-format checkpoint's vision weights come from its CLIP tower's checkpoint.
     pub fn load(
         checkpoint: &CheckpointDir,
         config: LlavaConfig,
         dtype: DType,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let files = checkpoint.weight_files()?;
-        // SAFETY: the files are memory-mapped read-only; a checkpoint changed on disk while we run is
-        // outside what we defend against (as everywhere safetensors are mmapped).
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
-            .map_err(|e| ModelError::Weights(e.to_string()))?;
-        Self::from_var_builder(vb, config, dtype, device)
+        let vb = var_builder(&checkpoint.weights()?, dtype, device)?;
+        let Some(original) = &config.original else {
+            return Self::from_var_builder(vb, config, dtype, device);
+        };
+        let tower = CheckpointDir {
+            root: original.vision_tower.clone(),
+        };
+        let tower_vb = var_builder(&tower.weights()?, dtype, device)?;
+        let parts = Parts {
+            vision: tower_vb.pp("vision_model"),
+            projector: vb.pp("model.mm_projector"),
+            decoder: vb.pp("model"),
+            lm_head: vb.pp("lm_head"),
+        };
+        Self::from_parts(parts, config, dtype, device)
     }
 
     /// Random weights of the config's shapes, made on `device` (`--load-format dummy`).
@@ -90,17 +134,28 @@ impl LlavaModel {
         } else {
             &HUB_LAYOUT
         };
+        let parts = Parts {
+            vision: vb.pp(layout.vision),
+            projector: vb.pp(layout.projector),
+            decoder: vb.pp(layout.decoder),
+            lm_head: vb.pp(layout.lm_head),
+        };
+        Self::from_parts(parts, config, dtype, device)
+    }
+
+    fn from_parts(
+        parts: Parts,
+        config: LlavaConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         let weights = |e: candle_core::Error| ModelError::Weights(e.to_string());
-        let vision = ClipVisionTower::load(
-            vb.pp(layout.vision),
-            &config.vision,
-            &config.vision_feature_layers,
-        )
-        .map_err(weights)?;
-        let projector = Projector::load(vb.pp(layout.projector), &config).map_err(weights)?;
-        let decoder =
-            LlamaDecoder::load(vb.pp(layout.decoder), vb.pp(layout.lm_head), &config.text)
+        let vision =
+            ClipVisionTower::load(parts.vision, &config.vision, &config.vision_feature_layers)
                 .map_err(weights)?;
+        let projector = Projector::load(parts.projector, &config).map_err(weights)?;
+        let decoder =
+            LlamaDecoder::load(parts.decoder, parts.lm_head, &config.text).map_err(weights)?;
         Ok(Self {
             config,
             vision,

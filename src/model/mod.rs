@@ -15,16 +15,19 @@ pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod llava;
+pub mod original;
 pub mod projector;
 pub mod sampling;
 pub mod small_gemm;
 pub mod static_decode;
+pub mod torch_bin;
 
 pub use attention::{AttentionMetadata, SequenceAttention};
 pub use checkpoint::{resolve_checkpoint, CheckpointDir};
 pub use config::LlavaConfig;
 pub use kv_cache::KvCache;
 pub use llava::{ForwardInput, LlavaModel};
+pub use original::OriginalOptions;
 
 use std::path::PathBuf;
 
@@ -78,10 +81,10 @@ impl std::str::FromStr for LoadFormat {
 /// Where the tokenizer, template and processor config of built-in dummy shapes come from: the
 /// repository's tiny fixture (the real LLaMA tokenizer and llava-hf's files), found from the working
 /// directory first (the device machine runs from a copy of the repository), else from the build tree.
-fn dummy_assets() -> std::path::PathBuf {
-    let relative = std::path::Path::new("tests/fixtures/tiny");
+fn dummy_assets(fixture: &str) -> std::path::PathBuf {
+    let relative = std::path::Path::new("tests/fixtures").join(fixture);
     if relative.is_dir() {
-        return relative.to_owned();
+        return relative;
     }
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
@@ -108,22 +111,74 @@ pub fn load_model(
     dtype: candle_core::DType,
     device: &candle_core::Device,
 ) -> Result<(LlavaModel, CheckpointDir), ModelError> {
+    load_model_with(spec, format, dtype, device, &OriginalOptions::default())
+}
+
+/// `load_model` with the choices an original-format checkpoint may need (`--vision-tower`,
+/// `--conv-template`); a llava-hf checkpoint refuses them.
+pub fn load_model_with(
+    spec: &str,
+    format: LoadFormat,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+    original: &OriginalOptions,
+) -> Result<(LlavaModel, CheckpointDir), ModelError> {
     if format == LoadFormat::Dummy {
         if let Some(json) = dummy::builtin_config(spec) {
             let config = LlavaConfig::from_json(&json)?;
             let assets = CheckpointDir {
-                root: dummy_assets(),
+                root: dummy_assets("tiny"),
+            };
+            return Ok((LlavaModel::dummy(config, dtype, device)?, assets));
+        }
+        if let Some((flat, tower)) = dummy::builtin_original_config(spec) {
+            // The tokenizer, and the tower's preprocessor, of the original-format fixtures.
+            let tower_dir = dummy_assets("original/clip-336");
+            let config = original::config_with_tower(spec, &flat, &tower, tower_dir, original)?;
+            let assets = CheckpointDir {
+                root: dummy_assets("original/llava-v1.5-tiny"),
             };
             return Ok((LlavaModel::dummy(config, dtype, device)?, assets));
         }
     }
     let checkpoint = resolve_checkpoint(spec)?;
-    let config = LlavaConfig::from_file(&checkpoint.file("config.json"))?;
+    let config = load_config(&checkpoint, spec, original)?;
     let model = match format {
         LoadFormat::Auto => LlavaModel::load(&checkpoint, config, dtype, device)?,
         LoadFormat::Dummy => LlavaModel::dummy(config, dtype, device)?,
     };
     Ok((model, checkpoint))
+}
+
+/// The runtime config of a checkpoint in either format.
+pub fn load_config(
+    checkpoint: &CheckpointDir,
+    spec: &str,
+    original: &OriginalOptions,
+) -> Result<LlavaConfig, ModelError> {
+    let path = checkpoint.file("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io {
+        path: path.clone(),
+        source: e,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
+    if original::is_original_config(&json) {
+        return original::load_config(spec, &text, original).map_err(|e| in_file(e, &path));
+    }
+    if let Some(flag) = original.set_flags().first() {
+        return Err(ModelError::Config(format!(
+            "{flag} applies to original-format LLaVA checkpoints; {spec} is a llava-hf checkpoint"
+        )));
+    }
+    LlavaConfig::from_file(&path)
+}
+
+fn in_file(e: ModelError, path: &std::path::Path) -> ModelError {
+    match e {
+        ModelError::Config(msg) => ModelError::Config(format!("{}: {msg}", path.display())),
+        other => other,
+    }
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.

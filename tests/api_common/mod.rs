@@ -25,6 +25,7 @@ pub fn options() -> ServeOptions {
         load_format: llava_server::model::LoadFormat::Auto,
         dtype: "f32".into(),
         cpu_f16_weights: false,
+        original: Default::default(),
         device: "cpu".into(),
         host: "127.0.0.1".into(),
         port: 0,
