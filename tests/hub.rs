@@ -50,7 +50,12 @@ fn respond(mut s: TcpStream, status: &str, headers: &[(String, String)], body: &
     let _ = s.write_all(body);
 }
 
-fn serve(stream: TcpStream, files: &HashMap<String, Vec<u8>>, seen: &Mutex<Vec<Seen>>) {
+fn serve(
+    stream: TcpStream,
+    repo_name: &str,
+    files: &HashMap<String, Vec<u8>>,
+    seen: &Mutex<Vec<Seen>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
@@ -73,7 +78,7 @@ fn serve(stream: TcpStream, files: &HashMap<String, Vec<u8>>, seen: &Mutex<Vec<S
         range: range.clone(),
     });
     let gated_ok = auth.as_deref() == Some("Bearer hf_test");
-    let repo_ok = |repo: &str| repo == "owner/tiny" || (repo == "owner/gated" && gated_ok);
+    let repo_ok = |repo: &str| repo == repo_name || (repo == "owner/gated" && gated_ok);
     if let Some(rest) = path.strip_prefix("/api/models/") {
         let (repo, _rev) = rest.split_once("/revision/").unwrap();
         if !repo_ok(repo) {
@@ -134,10 +139,16 @@ fn serve(stream: TcpStream, files: &HashMap<String, Vec<u8>>, seen: &Mutex<Vec<S
 }
 
 fn fake_hub() -> FakeHub {
+    fake_hub_serving("owner/tiny", &fixture())
+}
+
+/// A fake hub serving the files of `dir` as the repository `repo` (and as `owner/gated`).
+fn fake_hub_serving(repo: &str, dir: &Path) -> FakeHub {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
+    let repo = repo.to_owned();
     let mut files = HashMap::new();
-    for entry in std::fs::read_dir(fixture()).unwrap() {
+    for entry in std::fs::read_dir(dir).unwrap() {
         let p = entry.unwrap().path();
         files.insert(
             p.file_name().unwrap().to_str().unwrap().to_owned(),
@@ -148,7 +159,7 @@ fn fake_hub() -> FakeHub {
     let log = seen.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            serve(stream.unwrap(), &files, &log);
+            serve(stream.unwrap(), &repo, &files, &log);
         }
     });
     FakeHub { base, seen }
@@ -317,4 +328,43 @@ fn a_hub_that_accepts_but_never_answers_times_out() {
         err.to_lowercase().contains("timed out") || err.contains("timeout"),
         "{err}"
     );
+}
+
+#[test]
+fn an_original_checkpoints_vision_tower_is_fetched_by_its_hub_id() {
+    // The fixture's config names `openai/clip-vit-large-patch14-336`; the fake hub serves the tiny
+    // CLIP tower (a `pytorch_model.bin`, an old-style preprocessor config) under that id. The hub is
+    // reached through the environment, as `serve` reaches it; no other test here reads it.
+    let tower = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/original/clip-336");
+    let hub = fake_hub_serving("openai/clip-vit-large-patch14-336", &tower);
+    let cache = tempfile::tempdir().unwrap();
+    std::env::set_var("HF_ENDPOINT", &hub.base);
+    std::env::set_var("HF_HUB_CACHE", cache.path());
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/original/llava-v1.5-tiny");
+    let (loaded, _) = llava_server::model::load_model(
+        model.to_str().unwrap(),
+        llava_server::model::LoadFormat::Auto,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let original = loaded.config.original.as_ref().unwrap();
+    let snapshot = cache
+        .path()
+        .join("models--openai--clip-vit-large-patch14-336/snapshots")
+        .join(COMMIT);
+    assert_eq!(original.vision_tower, snapshot);
+    for name in [
+        "config.json",
+        "preprocessor_config.json",
+        "pytorch_model.bin",
+    ] {
+        assert_eq!(
+            std::fs::read(snapshot.join(name)).unwrap(),
+            std::fs::read(tower.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    assert_eq!(loaded.config.image_feature_count(), 576);
 }

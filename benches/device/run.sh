@@ -16,3 +16,7 @@ timeout 300 /tmp/bin/serving --model llava-1.5-7b --load-format dummy --device c
 # S1 again without CUDA graphs: what the graphs save at batch 1.
 timeout 60 /tmp/bin/serving --model llava-1.5-7b --load-format dummy --device cuda:0 --dtype bf16 \
   --scenarios s1 --enforce-eager --out "$OUT/results-eager.md" 2>&1 | tee "$OUT/serving-eager.log"
+# The original-format path (liuhaotian/llava-v1.5-7b's shapes, conversation template, SentencePiece
+# tokenizer): S1 only.
+timeout 60 /tmp/bin/serving --model liuhaotian/llava-v1.5-7b --load-format dummy --device cuda:0 --dtype bf16 \
+  --scenarios s1 --out "$OUT/results-original.md" 2>&1 | tee "$OUT/serving-original.log"

@@ -214,7 +214,7 @@ impl LlavaConfig {
             .unwrap_or(FeatureLayers::One(-2))
             .as_slice()
             .to_vec();
-        check_feature_layers(&vision_feature_layers, &vision)?;
+        check_feature_layers("vision_feature_layer", &vision_feature_layers, &vision)?;
         let mut text = text;
         // A top-level tie_word_embeddings (the hub writes it there) overrides the text default.
         if let Some(tie) = raw.tie_word_embeddings {
@@ -237,8 +237,10 @@ impl LlavaConfig {
     }
 }
 
-/// Each feature layer indexes CLIP's hidden states (embeddings + one per layer), from either end.
+/// Each feature layer indexes CLIP's hidden states (embeddings + one per layer), from either end;
+/// `field` names the config key in errors.
 pub(super) fn check_feature_layers(
+    field: &str,
     layers: &[i64],
     vision: &VisionConfig,
 ) -> Result<(), ModelError> {
@@ -246,7 +248,7 @@ pub(super) fn check_feature_layers(
     for &layer in layers {
         if layer >= num_states || layer < -num_states {
             return Err(ModelError::Config(format!(
-                "vision feature layer {layer} is out of range for {} CLIP layers",
+                "{field} {layer} is out of range for {} CLIP layers",
                 vision.num_hidden_layers
             )));
         }

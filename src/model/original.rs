@@ -225,7 +225,7 @@ fn config_from_parts(
     let text = text_config(text_raw)?;
     let vision = vision_config(Some(tower_vision_config(tower_json)?))?;
     let layer = raw.mm_vision_select_layer.unwrap_or(-2);
-    check_feature_layers(&[layer], &vision)?;
+    check_feature_layers("mm_vision_select_layer", &[layer], &vision)?;
     if let Some(mm_hidden) = raw.mm_hidden_size {
         if mm_hidden != vision.hidden_size {
             return Err(ModelError::Config(format!(
@@ -287,6 +287,47 @@ mod tests {
         assert_eq!(projector_depth(Some("mlp3x_gelu")).unwrap(), 3);
         assert!(projector_depth(Some("identity")).is_err());
         assert!(projector_depth(Some("mlp0x_gelu")).is_err());
+    }
+
+    const TOWER: &str = r#"{"model_type": "clip", "vision_config": {"model_type": "clip_vision_model",
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "image_size": 336, "patch_size": 14}}"#;
+
+    fn config(flat: &str) -> Result<LlavaConfig, ModelError> {
+        config_with_tower(
+            "m",
+            flat,
+            TOWER,
+            PathBuf::new(),
+            &OriginalOptions::default(),
+        )
+    }
+
+    #[test]
+    fn select_feature_layer_and_tower_size() {
+        let base = r#""hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 8"#;
+        // 336 px / 14 = 24² = 576 patches; `cls_patch` keeps CLS.
+        let c = config(&format!(
+            r#"{{{base}, "mm_vision_select_feature": "cls_patch"}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.image_feature_count(), 577);
+        assert_eq!(c.vision_feature_layers, vec![-2]);
+        assert_eq!(c.projector_depth, 1);
+        let c = config(&format!(
+            r#"{{{base}, "mm_vision_select_layer": -1, "mm_hidden_size": 32}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.image_feature_count(), 576);
+        assert_eq!(c.vision_feature_layers, vec![-1]);
+        for bad in [
+            r#""mm_vision_select_layer": -5"#,
+            r#""mm_hidden_size": 1024"#,
+            r#""mm_vision_select_feature": "cls""#,
+            r#""architectures": ["LlavaMptForCausalLM"]"#,
+        ] {
+            assert!(config(&format!("{{{base}, {bad}}}")).is_err(), "{bad}");
+        }
     }
 
     #[test]
