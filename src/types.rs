@@ -1,14 +1,18 @@
 //! Small value types shared by the layers: what a validated, tokenized request carries to the engine,
 //! and what the engine says back. No behaviour lives here.
 
-/// An image after preprocessing: `channels × height × width` f32 pixel values (CHW), plus a hash of
-/// its decoded pixels that identifies it for caches.
+/// An image after preprocessing: `tiles × channels × height × width` f32 pixel values (CHW per tile;
+/// one tile except for LLaVA-NeXT's anyres), the size of the decoded image it came from, and a hash
+/// of its decoded pixels that identifies it for caches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessedImage {
     pub pixel_values: Vec<f32>,
+    pub tiles: usize,
     pub channels: usize,
     pub height: usize,
     pub width: usize,
+    /// (height, width) of the decoded image.
+    pub source_size: (usize, usize),
     pub content_hash: [u8; 32],
 }
 

@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixtures, ids};
+use common::{assert_close, fixtures, ids, strided};
 use llava_server::engine::inputs::pixel_values;
 use llava_server::engine::single_sequence::SequenceState;
 use llava_server::engine::{self, EngineConfig};
@@ -103,15 +103,6 @@ fn messages(case: &Value) -> Vec<ChatMessage> {
         out.push(ChatMessage { role, parts });
     }
     out
-}
-
-/// Every 97th value of the flattened tensor, as the references sample it.
-fn strided(t: &Tensor) -> Tensor {
-    let flat = t.flatten_all().unwrap();
-    let n = flat.dim(0).unwrap();
-    let idx: Vec<u32> = (0..n as u32).step_by(97).collect();
-    flat.index_select(&Tensor::new(idx, &Device::Cpu).unwrap(), 0)
-        .unwrap()
 }
 
 /// Our ids with each image's run of placeholders collapsed to the original's one −200.

@@ -170,8 +170,10 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
             "the KV cache holds no block: one block needs {per_block} bytes"
         )));
     }
-    let features_per_image = model.config.image_feature_count();
-    let max_encoder_tokens = config.max_num_encoder_tokens.max(features_per_image);
+    // The budget must admit the largest image on its own.
+    let max_encoder_tokens = config
+        .max_num_encoder_tokens
+        .max(model.config.max_image_token_count());
     let context = [
         Some(model.config.text.max_position_embeddings),
         Some(num_blocks * config.block_size),

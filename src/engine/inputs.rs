@@ -3,25 +3,26 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::model::anyres::ImageGeometry;
 use crate::model::{LlavaModel, ModelError};
 use crate::types::{ImageSpan, ProcessedImage};
 
-/// Stacks images into `[n, c, h, w]` pixel values.
+/// Every tile of every image, in order, as `[tiles, c, h, w]` pixel values.
 pub fn pixel_values(images: &[ProcessedImage], device: &Device) -> Result<Tensor, ModelError> {
     let tensors = images
         .iter()
         .map(|img| {
             Tensor::from_slice(
                 &img.pixel_values,
-                (img.channels, img.height, img.width),
+                (img.tiles, img.channels, img.height, img.width),
                 device,
             )
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&tensors, 0)?)
+    Ok(Tensor::cat(&tensors, 0)?)
 }
 
-/// Every image's projected features, one `[features, hidden]` tensor per image.
+/// Each image's rows for its placeholder tokens, one `[tokens, hidden]` tensor per image.
 pub fn encode_images(
     model: &LlavaModel,
     images: &[ProcessedImage],
@@ -29,8 +30,17 @@ pub fn encode_images(
     if images.is_empty() {
         return Ok(Vec::new());
     }
-    let features = model.encode_images(&pixel_values(images, model.device())?)?;
-    (0..images.len()).map(|i| Ok(features.get(i)?)).collect()
+    let geometry: Vec<ImageGeometry> = images.iter().map(geometry).collect();
+    model.image_token_features(&pixel_values(images, model.device())?, &geometry)
+}
+
+/// The model's view of a processed image: its tiles and source size.
+pub fn geometry(image: &ProcessedImage) -> ImageGeometry {
+    ImageGeometry {
+        tiles: image.tiles,
+        height: image.source_size.0,
+        width: image.source_size.1,
+    }
 }
 
 /// The image rows that fall inside prompt positions `[start, start + len)`, as (features, batch rows)

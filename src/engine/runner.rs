@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::batch_sampler::{SamplePlan, StepLogits};
 use super::fixed_decode::{DecodeGraphs, FixedDecode};
-use super::inputs::{image_rows_in_range, pixel_values};
+use super::inputs::{encode_images, image_rows_in_range};
 use super::sampler::step_logprobs;
 use crate::model::attention::SequenceStep;
 use crate::model::sampling::sample_rows;
@@ -157,11 +157,8 @@ impl ModelRunner {
         if !missing.is_empty() {
             let started = Instant::now();
             let owned: Vec<ProcessedImage> = missing.iter().map(|p| (*p).clone()).collect();
-            let features = self
-                .model
-                .encode_images(&pixel_values(&owned, self.model.device())?)?;
-            for (i, img) in owned.iter().enumerate() {
-                let f = features.get(i)?;
+            let features = encode_images(&self.model, &owned)?;
+            for (img, f) in owned.iter().zip(features) {
                 self.image_cache.insert(img.content_hash, f.clone());
                 found.insert(img.content_hash, f);
             }

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
+use super::anyres_tiles::{anyres_tiles, AnyResTiling};
 use super::image_decode::{decode_rgb, Alpha, DEFAULT_MAX_PIXELS};
 use super::media::read_header;
 use super::pil_resize::{resize_bicubic, Image8};
@@ -60,6 +61,7 @@ struct RawProcessorConfig {
     image_std: Option<Vec<f64>>,
     do_convert_rgb: Option<bool>,
     do_pad: Option<bool>,
+    image_grid_pinpoints: Option<Vec<Vec<usize>>>,
 }
 
 /// Target of the resize step.
@@ -84,6 +86,8 @@ pub struct ImageProcessorConfig {
     pub image_mean: [f64; 3],
     /// transformers composites transparency onto white; the original LLaVA code drops it.
     pub alpha: Alpha,
+    /// LlavaNextImageProcessor's tiling.
+    pub anyres: Option<AnyResTiling>,
 }
 
 const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -105,7 +109,20 @@ impl ImageProcessorConfig {
     /// conversion (`load_image` then `process_images` of llava-torch).
     pub fn for_checkpoint(dir: &Path, config: &LlavaConfig) -> Result<Self, FrontendError> {
         match &config.original {
-            None => Self::from_file(&dir.join("preprocessor_config.json")),
+            None => {
+                let processor = Self::from_file(&dir.join("preprocessor_config.json"))?;
+                match (&config.anyres, &processor.anyres) {
+                    (None, None) => {}
+                    (Some(model), Some(tiling))
+                        if model.pinpoints == tiling.pinpoints && model.tile == tiling.tile => {}
+                    _ => {
+                        return Err(FrontendError::Config(
+                            "the model config and preprocessor_config.json disagree on anyres tiling (model_type llava_next and LlavaNextImageProcessor go together, with the same image_grid_pinpoints and tile size)".into(),
+                        ))
+                    }
+                }
+                Ok(processor)
+            }
             Some(original) => {
                 let path = original.vision_tower.join("preprocessor_config.json");
                 let mut processor = Self::from_file(&path)?;
@@ -132,9 +149,10 @@ impl ImageProcessorConfig {
             .as_deref()
             .unwrap_or("CLIPImageProcessor");
         let is_llava = kind.starts_with("LlavaImageProcessor");
-        if !is_llava && !kind.starts_with("CLIPImageProcessor") {
+        let is_next = kind.starts_with("LlavaNextImageProcessor");
+        if !is_llava && !is_next && !kind.starts_with("CLIPImageProcessor") {
             return Err(FrontendError::Config(format!(
-                "image_processor_type {kind:?} is not supported (CLIPImageProcessor or LlavaImageProcessor)"
+                "image_processor_type {kind:?} is not supported (CLIPImageProcessor, LlavaImageProcessor or LlavaNextImageProcessor)"
             )));
         }
         let resample = raw.resample.unwrap_or(PIL_BICUBIC);
@@ -191,7 +209,7 @@ impl ImageProcessorConfig {
             return Err(FrontendError::Config("image_std must not contain 0".into()));
         }
         let f32s = |v: [f64; 3]| v.map(|x| x as f32);
-        Ok(Self {
+        let mut processor = Self {
             resize,
             crop,
             rescale_factor: raw
@@ -206,7 +224,12 @@ impl ImageProcessorConfig {
             pad_to_square: is_llava && raw.do_pad.unwrap_or(false),
             image_mean: mean,
             alpha: Alpha::CompositeOnWhite,
-        })
+            anyres: None,
+        };
+        if is_next {
+            processor.anyres = Some(AnyResTiling::new(raw.image_grid_pinpoints, &processor)?);
+        }
+        Ok(processor)
     }
 
     /// Decodes encoded image bytes (png, jpeg, webp, gif) and preprocesses them, under the default pixel cap.
@@ -247,6 +270,16 @@ impl ImageProcessorConfig {
             ))
         };
         let pixels = |w: usize, h: usize| (w as u64).saturating_mul(h as u64);
+        if let Some(anyres) = &self.anyres {
+            if anyres.largest_intermediate(width, height) > max_pixels {
+                return Err(too_large(
+                    "tiling it needs more than the",
+                    max_pixels as usize,
+                    1,
+                ));
+            }
+            return Ok(());
+        }
         let (mut w, mut h) = (width, height);
         if self.pad_to_square {
             let side = w.max(h);
@@ -265,14 +298,36 @@ impl ImageProcessorConfig {
         Ok(())
     }
 
-    /// Preprocesses an RGB image into CHW pixel values.
+    /// Preprocesses an RGB image into CHW pixel values: one tile, or LLaVA-NeXT's base image and
+    /// grid tiles (`anyres_tiles`).
     pub fn process(&self, rgb: &Image8) -> ProcessedImage {
         let content_hash = content_hash(rgb);
-        let mut img = if self.pad_to_square {
-            pad_to_square(rgb, self.mean_colour())
-        } else {
-            rgb.clone()
+        let tiles = match &self.anyres {
+            Some(anyres) => anyres_tiles(rgb, anyres),
+            None if self.pad_to_square => vec![pad_to_square(rgb, self.mean_colour())],
+            None => vec![rgb.clone()],
         };
+        let mut pixel_values = Vec::new();
+        let (mut height, mut width) = (0, 0);
+        for tile in &tiles {
+            let (values, h, w) = self.tile_values(tile);
+            pixel_values.extend(values);
+            (height, width) = (h, w);
+        }
+        ProcessedImage {
+            pixel_values,
+            tiles: tiles.len(),
+            channels: 3,
+            height,
+            width,
+            source_size: (rgb.height, rgb.width),
+            content_hash,
+        }
+    }
+
+    /// One tile through resize, crop, rescale and normalize: CHW values and the final height, width.
+    fn tile_values(&self, tile: &Image8) -> (Vec<f32>, usize, usize) {
+        let mut img = tile.clone();
         if let Some(target) = self.resize {
             let (w, h) = resize_output_size(img.width, img.height, target);
             img = resize_bicubic(&img, w, h);
@@ -295,13 +350,7 @@ impl ImageProcessorConfig {
                 pixel_values[c * plane + i] = v;
             }
         }
-        ProcessedImage {
-            pixel_values,
-            channels: 3,
-            height: img.height,
-            width: img.width,
-            content_hash,
-        }
+        (pixel_values, img.height, img.width)
     }
 
     /// The pad colour of LlavaImageProcessor: `int(m * 255)` of each mean.

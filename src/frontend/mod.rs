@@ -1,6 +1,7 @@
 //! Client input → `TokenizedPrompt`: image decoding and CLIP preprocessing, the chat template,
 //! tokenization with image placeholders. Knows the model only through `model::config`.
 
+pub mod anyres_tiles;
 pub mod chat_template;
 pub mod conversation;
 pub mod detokenizer;

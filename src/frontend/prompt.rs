@@ -13,6 +13,7 @@ use super::chat_template::{ChatTemplate, TemplateMessage, TemplatePart};
 use super::conversation::{infer_template_name, ConvTemplate, Turn};
 use super::sentencepiece::{load_original_tokenizer, SlowPrefix};
 use super::FrontendError;
+use crate::model::anyres::AnyRes;
 use crate::model::config::LlavaConfig;
 use crate::types::{ImageSpan, ProcessedImage, TokenizedPrompt};
 
@@ -73,6 +74,8 @@ pub struct PromptBuilder {
     eos_token: String,
     image_token_id: u32,
     features_per_image: usize,
+    /// LLaVA-NeXT: each image's count depends on its size.
+    anyres: Option<AnyRes>,
     /// Longest vocabulary entry in bytes (`max_token_bytes`).
     max_token_bytes: usize,
 }
@@ -134,10 +137,12 @@ impl PromptBuilder {
             eos_token: special.eos,
             image_token_id: config.image_token_id,
             features_per_image: config.image_feature_count(),
+            anyres: config.anyres.clone(),
         })
     }
 
-    /// Placeholder tokens each image becomes.
+    /// Placeholder tokens each image becomes, or for LLaVA-NeXT the least any image becomes (its base
+    /// tile's; the grid adds to it).
     pub fn features_per_image(&self) -> usize {
         self.features_per_image
     }
@@ -217,8 +222,30 @@ impl PromptBuilder {
         text: &str,
         add_special: bool,
     ) -> Result<(Vec<u32>, Vec<ImageSpan>), FrontendError> {
+        self.expanded_ids_for(text, add_special, &[])
+    }
+
+    /// Placeholder tokens for the image in place `index`: its own count when it is known (LLaVA-NeXT
+    /// counts depend on the size), else `features_per_image`.
+    fn image_len(&self, images: &[ProcessedImage], index: usize) -> usize {
+        match (&self.anyres, images.get(index)) {
+            (Some(anyres), Some(img)) => {
+                let (height, width) = img.source_size;
+                anyres.token_count(height, width, self.features_per_image)
+            }
+            _ => self.features_per_image,
+        }
+    }
+
+    /// `expanded_ids` with the images the placeholders stand for, in order.
+    fn expanded_ids_for(
+        &self,
+        text: &str,
+        add_special: bool,
+        images: &[ProcessedImage],
+    ) -> Result<(Vec<u32>, Vec<ImageSpan>), FrontendError> {
         if let PromptFormat::Conversation { .. } = self.format {
-            return self.chunked_ids(text, add_special);
+            return self.chunked_ids(text, add_special, images);
         }
         let encoding = self
             .tokenizer
@@ -234,23 +261,13 @@ impl PromptBuilder {
         let mut image_spans = Vec::with_capacity(placeholders);
         for &id in compact {
             if id == self.image_token_id {
-                self.push_image(&mut token_ids, &mut image_spans);
+                let len = self.image_len(images, image_spans.len());
+                push_image(&mut token_ids, &mut image_spans, self.image_token_id, len);
             } else {
                 token_ids.push(id);
             }
         }
         Ok((token_ids, image_spans))
-    }
-
-    fn push_image(&self, token_ids: &mut Vec<u32>, image_spans: &mut Vec<ImageSpan>) {
-        image_spans.push(ImageSpan {
-            start: token_ids.len(),
-            len: self.features_per_image,
-        });
-        token_ids.extend(std::iter::repeat_n(
-            self.image_token_id,
-            self.features_per_image,
-        ));
     }
 
     /// Token ids of `text` as the checkpoint's reference tokenizer gives them (`add_special`: BOS).
@@ -281,12 +298,14 @@ impl PromptBuilder {
         &self,
         text: &str,
         add_special: bool,
+        images: &[ProcessedImage],
     ) -> Result<(Vec<u32>, Vec<ImageSpan>), FrontendError> {
         let mut token_ids = Vec::new();
         let mut image_spans = Vec::new();
         for (i, chunk) in text.split(IMAGE_MARKER).enumerate() {
             if i > 0 {
-                self.push_image(&mut token_ids, &mut image_spans);
+                let len = self.image_len(images, image_spans.len());
+                push_image(&mut token_ids, &mut image_spans, self.image_token_id, len);
             }
             token_ids.extend(self.encode(chunk, add_special && i == 0)?);
         }
@@ -300,7 +319,7 @@ impl PromptBuilder {
         text: &str,
         images: Vec<ProcessedImage>,
     ) -> Result<TokenizedPrompt, FrontendError> {
-        let (token_ids, image_spans) = self.expanded_ids(text, self.adds_bos(text))?;
+        let (token_ids, image_spans) = self.expanded_ids_for(text, self.adds_bos(text), &images)?;
         if image_spans.len() != images.len() {
             return Err(FrontendError::ImageCountMismatch {
                 placeholders: image_spans.len(),
@@ -331,6 +350,15 @@ impl PromptBuilder {
             .decode(ids, true)
             .map_err(|e| FrontendError::Tokenizer(e.to_string()))
     }
+}
+
+/// Appends one image's run of `len` placeholder tokens and its span.
+fn push_image(token_ids: &mut Vec<u32>, image_spans: &mut Vec<ImageSpan>, id: u32, len: usize) {
+    image_spans.push(ImageSpan {
+        start: token_ids.len(),
+        len,
+    });
+    token_ids.extend(std::iter::repeat_n(id, len));
 }
 
 /// The messages as the original CLI builds a conversation: system messages replace the template's

@@ -87,6 +87,16 @@ pub(super) struct RawTextConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
+    /// Mistral's; only `null` (absent means MistralConfig's default, 4096) is LLaMA-shaped.
+    #[serde(default, deserialize_with = "present_value")]
+    sliding_window: Option<serde_json::Value>,
+}
+
+/// A field that is present, even as `null`, is `Some` (absent stays `None` through `default`).
+fn present_value<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// The CLIP vision part as written on disk; every field optional so CLIPVisionConfig defaults apply.
@@ -118,6 +128,8 @@ struct RawLlavaConfig {
     tie_word_embeddings: Option<bool>,
     torch_dtype: Option<StorageDtype>,
     dtype: Option<StorageDtype>,
+    /// LLaVA-NeXT's grid resolutions, (height, width) pairs.
+    image_grid_pinpoints: Option<Vec<Vec<usize>>>,
 }
 
 /// Runtime config of the LLaMA decoder.
@@ -174,16 +186,48 @@ pub struct LlavaConfig {
     pub storage_dtype: Option<StorageDtype>,
     /// Set for checkpoints in the original LLaVA format (`original`).
     pub original: Option<super::original::OriginalFormat>,
+    /// Set for LLaVA-NeXT (`llava_next`): images are tiled and packed (`anyres`).
+    pub anyres: Option<super::anyres::AnyRes>,
 }
 
 impl LlavaConfig {
-    /// Image features (placeholder tokens) per image: one per patch, plus CLS under the `full` strategy.
+    /// Image features (placeholder tokens) per image (per tile for LLaVA-NeXT): one per patch, plus
+    /// CLS under the `full` strategy.
     pub fn image_feature_count(&self) -> usize {
         let cls = match self.feature_select_strategy {
             FeatureSelectStrategy::Default => 0,
             FeatureSelectStrategy::Full => 1,
         };
         self.vision.num_patches() + cls
+    }
+
+    /// Placeholder tokens an image of this size becomes: a constant for LLaVA-1.5, its anyres count
+    /// for LLaVA-NeXT.
+    pub fn image_token_count(&self, height: usize, width: usize) -> usize {
+        match &self.anyres {
+            None => self.image_feature_count(),
+            Some(anyres) => anyres.token_count(height, width, self.image_feature_count()),
+        }
+    }
+
+    /// The most placeholder tokens any image can become (for budgets set before images are seen).
+    pub fn max_image_token_count(&self) -> usize {
+        match &self.anyres {
+            None => self.image_feature_count(),
+            Some(anyres) => {
+                let base = self.image_feature_count();
+                // The count grows with the grid; the largest grid's images fill it without padding.
+                anyres
+                    .pinpoints
+                    .iter()
+                    .map(|&(h, w)| {
+                        base + (h / anyres.tile * anyres.patches_per_side)
+                            * (w / anyres.tile * anyres.patches_per_side + 1)
+                    })
+                    .max()
+                    .unwrap_or(base)
+            }
+        }
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
@@ -200,13 +244,13 @@ impl LlavaConfig {
     pub fn from_json(json: &str) -> Result<Self, ModelError> {
         let raw: RawLlavaConfig =
             serde_json::from_str(json).map_err(|e| ModelError::Config(e.to_string()))?;
-        if let Some(mt) = &raw.model_type {
-            if mt != "llava" {
-                return Err(ModelError::Config(format!(
-                    "model_type is {mt:?}; only \"llava\" checkpoints are supported"
-                )));
-            }
-        }
+        let next = match raw.model_type.as_deref() {
+            None | Some("llava") => false,
+            Some("llava_next") => true,
+            Some(mt) => return Err(ModelError::Config(format!(
+                "model_type is {mt:?}; only \"llava\" and \"llava_next\" checkpoints are supported"
+            ))),
+        };
         let text = text_config(raw.text_config.unwrap_or_default())?;
         let vision = vision_config(raw.vision_config)?;
         let vision_feature_layers = raw
@@ -220,7 +264,7 @@ impl LlavaConfig {
         if let Some(tie) = raw.tie_word_embeddings {
             text.tie_word_embeddings = tie;
         }
-        Ok(LlavaConfig {
+        let mut config = LlavaConfig {
             text,
             vision,
             image_token_id: raw.image_token_index.unwrap_or(32000),
@@ -233,8 +277,46 @@ impl LlavaConfig {
                 .unwrap_or(FeatureSelectStrategy::Default),
             storage_dtype: raw.dtype.or(raw.torch_dtype),
             original: None,
-        })
+            anyres: None,
+        };
+        if next {
+            config.anyres = Some(anyres_config(raw.image_grid_pinpoints, &config)?);
+        }
+        Ok(config)
     }
+}
+
+/// LLaVA-NeXT's tiling from its pinpoints (LlavaNextConfig's default list when absent).
+fn anyres_config(
+    pinpoints: Option<Vec<Vec<usize>>>,
+    config: &LlavaConfig,
+) -> Result<super::anyres::AnyRes, ModelError> {
+    if config.feature_select_strategy != FeatureSelectStrategy::Default {
+        return Err(ModelError::Config(
+            "LLaVA-NeXT packs tiles of patch features: vision_feature_select_strategy must be \"default\"".into(),
+        ));
+    }
+    let tile = config.vision.image_size;
+    let pinpoints = match pinpoints {
+        None => vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)],
+        Some(list) => list
+            .into_iter()
+            .map(|p| match p[..] {
+                [h, w] if h > 0 && w > 0 && h % tile == 0 && w % tile == 0 => Ok((h, w)),
+                _ => Err(ModelError::Config(format!(
+                    "image_grid_pinpoints entry {p:?} must be [height, width], multiples of the image size {tile}"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    if pinpoints.is_empty() {
+        return Err(ModelError::Config("image_grid_pinpoints is empty".into()));
+    }
+    Ok(super::anyres::AnyRes {
+        pinpoints,
+        tile,
+        patches_per_side: tile / config.vision.patch_size,
+    })
 }
 
 /// Each feature layer indexes CLIP's hidden states (embeddings + one per layer), from either end;
@@ -265,13 +347,36 @@ fn positive(name: &str, v: usize) -> Result<usize, ModelError> {
 
 /// LlamaConfig defaults (transformers) for every field the file leaves out.
 pub(super) fn text_config(raw: RawTextConfig) -> Result<TextConfig, ModelError> {
-    if let Some(mt) = &raw.model_type {
-        if mt != "llama" {
+    let mistral = match raw.model_type.as_deref() {
+        None | Some("llama") => false,
+        Some("mistral") => true,
+        Some(mt) => {
             return Err(ModelError::Config(format!(
-                "text_config.model_type is {mt:?}; only \"llama\" decoders are supported"
-            )));
+                "text_config.model_type is {mt:?}; only \"llama\" and \"mistral\" decoders are supported"
+            )))
+        }
+    };
+    if mistral {
+        match &raw.sliding_window {
+            Some(serde_json::Value::Null) => {}
+            Some(window) => {
+                return Err(ModelError::Config(format!(
+                    "text_config.sliding_window is {window}: sliding-window attention is not supported (only null)"
+                )))
+            }
+            None => {
+                return Err(ModelError::Config(
+                    "text_config.sliding_window is absent, which means MistralConfig's 4096: sliding-window attention is not supported (only null)".into(),
+                ))
+            }
         }
     }
+    // MistralConfig's defaults where they differ from LlamaConfig's.
+    let (default_intermediate, default_kv, default_positions) = if mistral {
+        (14336, Some(8), 4096 * 32)
+    } else {
+        (11008, None, 2048)
+    };
     let hidden_size = positive("text_config.hidden_size", raw.hidden_size.unwrap_or(4096))?;
     let heads = positive(
         "text_config.num_attention_heads",
@@ -279,7 +384,7 @@ pub(super) fn text_config(raw: RawTextConfig) -> Result<TextConfig, ModelError> 
     )?;
     let kv_heads = positive(
         "text_config.num_key_value_heads",
-        raw.num_key_value_heads.unwrap_or(heads),
+        raw.num_key_value_heads.or(default_kv).unwrap_or(heads),
     )?;
     if !heads.is_multiple_of(kv_heads) {
         return Err(ModelError::Config(format!(
@@ -314,7 +419,7 @@ pub(super) fn text_config(raw: RawTextConfig) -> Result<TextConfig, ModelError> 
         hidden_size,
         intermediate_size: positive(
             "text_config.intermediate_size",
-            raw.intermediate_size.unwrap_or(11008),
+            raw.intermediate_size.unwrap_or(default_intermediate),
         )?,
         num_hidden_layers: positive(
             "text_config.num_hidden_layers",
@@ -326,7 +431,7 @@ pub(super) fn text_config(raw: RawTextConfig) -> Result<TextConfig, ModelError> 
         hidden_act: raw.hidden_act.unwrap_or(Activation::Silu),
         max_position_embeddings: positive(
             "text_config.max_position_embeddings",
-            raw.max_position_embeddings.unwrap_or(2048),
+            raw.max_position_embeddings.unwrap_or(default_positions),
         )?,
         rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
         rope_theta,

@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::anyres::ImageGeometry;
 use super::attention::AttentionMetadata;
 use super::checkpoint::{CheckpointDir, WeightFiles, WeightFormat};
 use super::clip::ClipVisionTower;
@@ -21,6 +22,8 @@ struct NameLayout {
     projector: &'static str,
     decoder: &'static str,
     lm_head: &'static str,
+    /// LLaVA-NeXT's `image_newline` vector.
+    image_newline: &'static str,
 }
 
 /// The hub's transformers-4 layout (`language_model.model.*`).
@@ -29,6 +32,7 @@ const HUB_LAYOUT: NameLayout = NameLayout {
     projector: "multi_modal_projector",
     decoder: "language_model.model",
     lm_head: "language_model.lm_head",
+    image_newline: "image_newline",
 };
 /// The layout newer transformers save (`model.language_model.*`).
 const NESTED_LAYOUT: NameLayout = NameLayout {
@@ -36,10 +40,14 @@ const NESTED_LAYOUT: NameLayout = NameLayout {
     projector: "model.multi_modal_projector",
     decoder: "model.language_model",
     lm_head: "lm_head",
+    image_newline: "model.image_newline",
 };
 
 /// Where each part's weights are.
 struct Parts<'a> {
+    /// The root, for tensors outside the parts (`image_newline`).
+    root: VarBuilder<'a>,
+    image_newline: &'static str,
     vision: VarBuilder<'a>,
     projector: VarBuilder<'a>,
     decoder: VarBuilder<'a>,
@@ -86,6 +94,8 @@ pub struct LlavaModel {
     vision: ClipVisionTower,
     projector: Projector,
     decoder: LlamaDecoder,
+    /// LLaVA-NeXT: the row appended after each row of an image's unpadded feature grid.
+    image_newline: Option<Tensor>,
     dtype: DType,
     device: Device,
 }
@@ -108,6 +118,8 @@ impl LlavaModel {
         };
         let tower_vb = var_builder(&tower.weights()?, dtype, device)?;
         let parts = Parts {
+            root: vb.clone(),
+            image_newline: "image_newline",
             vision: tower_vb.pp("vision_model"),
             projector: vb.pp("model.mm_projector"),
             decoder: vb.pp("model"),
@@ -135,6 +147,8 @@ impl LlavaModel {
             &HUB_LAYOUT
         };
         let parts = Parts {
+            root: vb.clone(),
+            image_newline: layout.image_newline,
             vision: vb.pp(layout.vision),
             projector: vb.pp(layout.projector),
             decoder: vb.pp(layout.decoder),
@@ -156,11 +170,21 @@ impl LlavaModel {
         let projector = Projector::load(parts.projector, &config).map_err(weights)?;
         let decoder =
             LlamaDecoder::load(parts.decoder, parts.lm_head, &config.text).map_err(weights)?;
+        let image_newline = match &config.anyres {
+            None => None,
+            Some(_) => Some(
+                parts
+                    .root
+                    .get(config.text.hidden_size, parts.image_newline)
+                    .map_err(weights)?,
+            ),
+        };
         Ok(Self {
             config,
             vision,
             projector,
             decoder,
+            image_newline,
             dtype,
             device: device.clone(),
         })
@@ -236,6 +260,61 @@ impl LlavaModel {
         Ok(self
             .projector
             .forward(&self.vision_features(pixel_values)?)?)
+    }
+
+    /// Each image's rows that replace its placeholder tokens, `[tokens, text_hidden]` per image.
+    /// `pixel_values` holds every image's tiles in order, `images` says how many are whose. LLaVA-1.5:
+    /// one tile, its features. LLaVA-NeXT: the base tile's features, then the grid's feature map
+    /// unpadded to the image's aspect ratio with an `image_newline` row after each of its rows, as
+    /// transformers' `pack_image_features` lays them out.
+    pub fn image_token_features(
+        &self,
+        pixel_values: &Tensor,
+        images: &[ImageGeometry],
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let features = self.encode_images(pixel_values)?;
+        let (Some(anyres), Some(newline)) = (&self.config.anyres, &self.image_newline) else {
+            return (0..images.len()).map(|i| Ok(features.get(i)?)).collect();
+        };
+        let side = anyres.patches_per_side;
+        let hidden = features.dim(2)?;
+        let mut out = Vec::with_capacity(images.len());
+        let mut first = 0;
+        for image in images {
+            let tiles = features.narrow(0, first, image.tiles)?;
+            first += image.tiles;
+            let (rows, cols) = anyres.grid(image.height, image.width);
+            if image.tiles != rows * cols + 1 {
+                return Err(ModelError::Config(format!(
+                    "an image of {}×{} has {} tiles, not the {} its grid needs",
+                    image.width,
+                    image.height,
+                    image.tiles,
+                    rows * cols + 1
+                )));
+            }
+            let base = tiles.get(0)?;
+            // [rows, cols, side, side, C] → [C, rows·side, cols·side]
+            let grid = tiles
+                .narrow(0, 1, rows * cols)?
+                .reshape((rows, cols, side, side, hidden))?
+                .permute((4, 0, 2, 1, 3))?
+                .contiguous()?
+                .reshape((hidden, rows * side, cols * side))?;
+            let keep = anyres.unpadded(image.height, image.width);
+            let grid =
+                grid.narrow(1, keep.first_row, keep.rows)?
+                    .narrow(2, keep.first_col, keep.cols)?;
+            let newlines = newline
+                .to_dtype(grid.dtype())?
+                .reshape((hidden, 1, 1))?
+                .broadcast_as((hidden, keep.rows, 1))?;
+            let grid = Tensor::cat(&[&grid, &newlines], 2)?
+                .reshape((hidden, keep.rows * (keep.cols + 1)))?
+                .t()?;
+            out.push(Tensor::cat(&[&base, &grid], 0)?.contiguous()?);
+        }
+        Ok(out)
     }
 
     /// The decoder's linear weights in f16 from now on (`--cpu-f16-weights`; the caller checks that

@@ -2,6 +2,7 @@
 //! LLaMA decoder that runs flattened tokens of many sequences over a paged KV cache.
 //! Nothing here knows about HTTP, the scheduler or the engine loop.
 
+pub mod anyres;
 pub mod attention;
 pub mod checkpoint;
 pub mod clip;

@@ -256,6 +256,7 @@ fn config_from_parts(
         feature_select_strategy,
         storage_dtype: raw.torch_dtype,
         original: None,
+        anyres: None,
     })
 }
 

@@ -135,3 +135,12 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
         "{what}: max |diff| {diff} > {tol} × {scale} (largest reference value, at least 1)"
     );
 }
+
+/// Every 97th value of the flattened tensor, from the first: how the references sample large tensors.
+pub fn strided(t: &Tensor) -> Tensor {
+    let flat = t.flatten_all().unwrap();
+    let n = flat.dim(0).unwrap();
+    let idx: Vec<u32> = (0..n as u32).step_by(97).collect();
+    flat.index_select(&Tensor::new(idx, &Device::Cpu).unwrap(), 0)
+        .unwrap()
+}

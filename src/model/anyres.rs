@@ -1,0 +1,163 @@
+//! LLaVA-NeXT's "anyres" geometry, one home for the frontend (tiling, token counts from an image's
+//! size alone) and the model (packing the tiles' features): the best grid resolution among
+//! `image_grid_pinpoints`, the tile grid, the feature grid unpadded to the image's aspect ratio, and
+//! the number of tokens an image becomes. Every formula is transformers' (`select_best_resolution`,
+//! `get_patch_output_size`, `unpad_image`, `LlavaNextProcessor._get_number_of_features`), with its
+//! float arithmetic and truncations, so that counts and layouts agree with HF to the token.
+
+/// An image's place in the anyres scheme: how many tiles it has and its original size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageGeometry {
+    /// Tiles of its pixel values: the base image plus the grid (1 for LLaVA-1.5).
+    pub tiles: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// The anyres settings of a LLaVA-NeXT checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnyRes {
+    /// `image_grid_pinpoints` as (height, width).
+    pub pinpoints: Vec<(usize, usize)>,
+    /// The vision tower's input size (`vision_config.image_size`): one tile's side.
+    pub tile: usize,
+    /// Feature rows (and columns) one tile gives: `image_size / patch_size`.
+    pub patches_per_side: usize,
+}
+
+/// Python's `int(round(x, 7))` for the non-negative values the formulas produce.
+fn round7_trunc(x: f64) -> usize {
+    ((x * 1e7).round() / 1e7) as usize
+}
+
+/// `select_best_resolution`: the pinpoint that keeps the most of the image's pixels when it is
+/// scaled to fit, the one that wastes the least on ties; `None` only without pinpoints.
+pub fn best_resolution(
+    height: usize,
+    width: usize,
+    pinpoints: &[(usize, usize)],
+) -> Option<(usize, usize)> {
+    let (oh, ow) = (height as f64, width as f64);
+    let mut best = None;
+    let mut max_effective = 0usize;
+    let mut min_wasted = usize::MAX;
+    for &(h, w) in pinpoints {
+        let scale = (w as f64 / ow).min(h as f64 / oh);
+        let (dw, dh) = ((ow * scale) as usize, (oh * scale) as usize);
+        let effective = (dw * dh).min(width * height);
+        let wasted = (w * h).saturating_sub(effective);
+        if effective > max_effective || (effective == max_effective && wasted < min_wasted) {
+            max_effective = effective;
+            min_wasted = wasted;
+            best = Some((h, w));
+        }
+    }
+    best
+}
+
+/// `get_patch_output_size`: the size an image is resized to inside `target` (aspect kept, the
+/// constrained side exactly the target's, the other rounded up).
+pub fn patch_output_size(height: usize, width: usize, target: (usize, usize)) -> (usize, usize) {
+    let (th, tw) = target;
+    let scale_w = tw as f64 / width as f64;
+    let scale_h = th as f64 / height as f64;
+    if scale_w < scale_h {
+        let h = ((height as f64 * scale_w).ceil() as usize).min(th);
+        (h, tw)
+    } else {
+        let w = ((width as f64 * scale_h).ceil() as usize).min(tw);
+        (th, w)
+    }
+}
+
+impl AnyRes {
+    /// The grid resolution an image of this size is tiled at, (height, width).
+    pub fn best_resolution(&self, height: usize, width: usize) -> (usize, usize) {
+        best_resolution(height, width, &self.pinpoints).unwrap_or((self.tile, self.tile))
+    }
+
+    /// Tile rows and columns of the grid.
+    pub fn grid(&self, height: usize, width: usize) -> (usize, usize) {
+        let (h, w) = self.best_resolution(height, width);
+        (h / self.tile, w / self.tile)
+    }
+
+    /// Tiles the vision tower sees for one image: the base image and the grid.
+    pub fn tiles(&self, height: usize, width: usize) -> usize {
+        let (rows, cols) = self.grid(height, width);
+        rows * cols + 1
+    }
+
+    /// `unpad_image` on the grid's feature map: the rows and columns kept, and the first of each.
+    pub fn unpadded(&self, height: usize, width: usize) -> UnpaddedGrid {
+        let (rows, cols) = self.grid(height, width);
+        let (ch, cw) = (rows * self.patches_per_side, cols * self.patches_per_side);
+        let (oh, ow) = (height as f64, width as f64);
+        if ow / oh > cw as f64 / ch as f64 {
+            let new_h = round7_trunc(oh * (cw as f64 / ow));
+            let pad = ch.saturating_sub(new_h) / 2;
+            UnpaddedGrid {
+                full: (ch, cw),
+                first_row: pad,
+                rows: ch - 2 * pad,
+                first_col: 0,
+                cols: cw,
+            }
+        } else {
+            let new_w = round7_trunc(ow * (ch as f64 / oh));
+            let pad = cw.saturating_sub(new_w) / 2;
+            UnpaddedGrid {
+                full: (ch, cw),
+                first_row: 0,
+                rows: ch,
+                first_col: pad,
+                cols: cw - 2 * pad,
+            }
+        }
+    }
+
+    /// Tokens one image becomes: the base tile's `base` features, then the unpadded grid with one
+    /// `image_newline` row after each of its rows.
+    pub fn token_count(&self, height: usize, width: usize, base: usize) -> usize {
+        let grid = self.unpadded(height, width);
+        base + grid.rows * (grid.cols + 1)
+    }
+}
+
+/// Which part of the `full` (rows, cols) feature map `unpad_image` keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpaddedGrid {
+    pub full: (usize, usize),
+    pub first_row: usize,
+    pub rows: usize,
+    pub first_col: usize,
+    pub cols: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn standard() -> AnyRes {
+        AnyRes {
+            pinpoints: vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)],
+            tile: 336,
+            patches_per_side: 24,
+        }
+    }
+
+    #[test]
+    fn a_640x480_image_is_2340_tokens() {
+        // The figure the issue quotes from HF's processor (576 base features, strategy "default").
+        let a = standard();
+        assert_eq!(a.best_resolution(480, 640), (672, 672));
+        assert_eq!(a.tiles(480, 640), 5);
+        assert_eq!(a.token_count(480, 640, 576), 2340);
+    }
+
+    #[test]
+    fn patch_output_sizes_round_up_the_free_side() {
+        assert_eq!(patch_output_size(480, 640, (672, 672)), (504, 672));
+        assert_eq!(patch_output_size(300, 200, (672, 336)), (504, 336));
+    }
+}
