@@ -274,3 +274,29 @@ fn token_counts_match_hfs_processor_for_the_real_configuration() {
         );
     }
 }
+
+#[test]
+fn built_in_next_shapes_have_matching_assets() {
+    // `--load-format dummy --model llava-v1.6-mistral-7b` (or -34b): the config's tiling and the
+    // assets' processor agree, so a GPU run gets HF's token counts (weights are not made here).
+    for name in ["llava-v1.6-mistral-7b", "llava-v1.6-34b"] {
+        let json = llava_server::model::dummy::builtin_config(name).unwrap();
+        let config = llava_server::model::LlavaConfig::from_json(&json).unwrap();
+        let assets = fixtures().join(llava_server::model::dummy::builtin_assets(name));
+        let processor = ImageProcessorConfig::for_checkpoint(&assets, &config).unwrap();
+        let builder = PromptBuilder::from_checkpoint(&assets, &config).unwrap();
+        let bytes = std::fs::read(fixtures().join("images/scene_640x480.png")).unwrap();
+        let image = processor.process_bytes(&bytes).unwrap();
+        assert_eq!((image.tiles, image.height, image.width), (5, 336, 336));
+        let prompt = builder
+            .build(
+                &[ChatMessage {
+                    role: Role::User,
+                    parts: vec![MessagePart::Image, MessagePart::Text("Hi".into())],
+                }],
+                vec![image],
+            )
+            .unwrap();
+        assert_eq!(prompt.image_spans[0].len, 2340, "{name}");
+    }
+}

@@ -20,3 +20,6 @@ timeout 60 /tmp/bin/serving --model llava-1.5-7b --load-format dummy --device cu
 # tokenizer): S1 only.
 timeout 60 /tmp/bin/serving --model liuhaotian/llava-v1.5-7b --load-format dummy --device cuda:0 --dtype bf16 \
   --scenarios s1 --out "$OUT/results-original.md" 2>&1 | tee "$OUT/serving-original.log"
+# LLaVA-NeXT (anyres tiles, packed features, Mistral decoder): S1 only.
+timeout 60 /tmp/bin/serving --model llava-v1.6-mistral-7b --load-format dummy --device cuda:0 --dtype bf16 \
+  --scenarios s1 --out "$OUT/results-next.md" 2>&1 | tee "$OUT/serving-next.log"

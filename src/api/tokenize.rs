@@ -15,6 +15,7 @@ use super::validate::{validate_tokenize, TokenizeInput};
 use super::wire::{
     DetokenizeRequest, DetokenizeResponse, ErrorResponse, TokenizeRequest, TokenizeResponse,
 };
+use crate::frontend::MessagePart;
 
 #[utoipa::path(
     post,
@@ -42,6 +43,17 @@ pub async fn tokenize(
     let model = state.served()?;
     let input = validate_tokenize(&req, &state.limits(model))?;
     let builder = model.builder.clone();
+    if let TokenizeInput::Chat { messages, .. } = &input {
+        let has_images = messages
+            .iter()
+            .any(|m| m.parts.iter().any(|p| matches!(p, MessagePart::Image)));
+        if has_images && builder.image_counts_vary() {
+            return Err(ApiError::invalid(
+                "this model's images become as many tokens as their size gives (LLaVA-NeXT), and /tokenize does not fetch images: send the request to /v1/chat/completions, whose usage counts them",
+                "messages",
+            ));
+        }
+    }
     let strs = req.return_token_strs.unwrap_or(false);
     // Tokenizing is CPU work: off the async runtime, and within the preparation stage's width.
     let _place = state

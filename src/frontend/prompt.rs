@@ -147,6 +147,11 @@ impl PromptBuilder {
         self.features_per_image
     }
 
+    /// Whether images become different numbers of tokens by their size (LLaVA-NeXT).
+    pub fn image_counts_vary(&self) -> bool {
+        self.anyres.is_some()
+    }
+
     /// The longest vocabulary entry in bytes: text of N bytes is at least N / this many tokens.
     pub fn max_token_bytes(&self) -> usize {
         self.max_token_bytes

@@ -247,9 +247,11 @@ impl LlavaConfig {
         let next = match raw.model_type.as_deref() {
             None | Some("llava") => false,
             Some("llava_next") => true,
-            Some(mt) => return Err(ModelError::Config(format!(
+            Some(mt) => {
+                return Err(ModelError::Config(format!(
                 "model_type is {mt:?}; only \"llava\" and \"llava_next\" checkpoints are supported"
-            ))),
+            )))
+            }
         };
         let text = text_config(raw.text_config.unwrap_or_default())?;
         let vision = vision_config(raw.vision_config)?;

@@ -13,7 +13,51 @@ pub const BUILTIN_SHAPES: &[&str] = &[
     "llava-mid",
     "liuhaotian/llava-v1.5-7b",
     "liuhaotian/llava-v1.5-13b",
+    "llava-v1.6-mistral-7b",
+    "llava-v1.6-34b",
 ];
+
+/// The folder under `tests/fixtures` a built-in shape takes its tokenizer, template and processor
+/// files from.
+pub fn builtin_assets(name: &str) -> &'static str {
+    match name {
+        "llava-v1.6-mistral-7b" | "llava-v1.6-34b" => "next_assets",
+        n if n.starts_with("liuhaotian/") => "original/llava-v1.5-tiny",
+        _ => "tiny",
+    }
+}
+
+/// llava-hf/llava-v1.6-mistral-7b-hf and llava-hf/llava-v1.6-34b-hf (Yi-34B, LLaMA-shaped), as their
+/// hub configs give the shapes; CLIP ViT-L/14-336 and the standard pinpoints.
+fn builtin_next_config(name: &str) -> Option<String> {
+    let text = match name {
+        "llava-v1.6-mistral-7b" => {
+            r#"{"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+    "sliding_window": null, "vocab_size": 32064}"#
+        }
+        "llava-v1.6-34b" => {
+            r#"{"model_type": "llama", "hidden_size": 7168, "intermediate_size": 20480,
+    "num_hidden_layers": 60, "num_attention_heads": 56, "num_key_value_heads": 8,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 5000000.0,
+    "vocab_size": 64064}"#
+        }
+        _ => return None,
+    };
+    Some(format!(
+        r#"{{
+  "model_type": "llava_next", "image_token_index": 32000, "projector_hidden_act": "gelu",
+  "tie_word_embeddings": false, "torch_dtype": "float16", "vision_feature_layer": -2,
+  "vision_feature_select_strategy": "default",
+  "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+  "text_config": {text},
+  "vision_config": {{"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
+    "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
+    "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu"}}
+}}"#
+    ))
+}
 
 /// The flat `config.json` of an original-format built-in shape (as `liuhaotian/llava-v1.5-{7b,13b}`
 /// publish it) and the `config.json` of its CLIP tower (`openai/clip-vit-large-patch14-336`, vision
@@ -53,6 +97,9 @@ struct Shapes {
 /// `llava-mid`, the 307.6 M-parameter checkpoint the CPU speed comparisons use (CLIP-B-sized vision
 /// tower at 336 px, a 12-layer 1024-wide LLaMA).
 pub fn builtin_config(name: &str) -> Option<String> {
+    if let Some(next) = builtin_next_config(name) {
+        return Some(next);
+    }
     let clip_large = (1024, 4096, 24, 16, 768, "quick_gelu");
     let shapes = match name {
         "llava-1.5-7b" => Shapes {
@@ -129,7 +176,9 @@ mod tests {
 
     fn params_of(c: &LlavaConfig) -> usize {
         let t = &c.text;
-        let layer = 4 * t.hidden_size * t.hidden_size
+        let kv = t.num_key_value_heads * t.head_dim;
+        let layer = 2 * t.hidden_size * t.hidden_size
+            + 2 * t.hidden_size * kv
             + 3 * t.hidden_size * t.intermediate_size
             + 2 * t.hidden_size;
         let decoder =
@@ -156,6 +205,11 @@ mod tests {
         let p13 = params("llava-1.5-13b") as f64 / 1e9;
         assert!((p7 - 7.06).abs() < 0.02, "{p7}");
         assert!((p13 - 13.35).abs() < 0.03, "{p13}");
+        // LLaVA-NeXT: 7.57 B (Mistral-7B + CLIP-L + projector), 34.8 B (Yi-34B), as the hub pages give them.
+        let mistral = params("llava-v1.6-mistral-7b") as f64 / 1e9;
+        let yi = params("llava-v1.6-34b") as f64 / 1e9;
+        assert!((mistral - 7.57).abs() < 0.02, "{mistral}");
+        assert!((yi - 34.75).abs() < 0.05, "{yi}");
         // The CPU comparisons' mid checkpoint: 307.6 M parameters.
         let mid = params("llava-mid") as f64 / 1e6;
         assert!((mid - 307.6).abs() < 0.1, "{mid}");

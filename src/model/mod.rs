@@ -128,7 +128,7 @@ pub fn load_model_with(
         if let Some(json) = dummy::builtin_config(spec) {
             let config = LlavaConfig::from_json(&json)?;
             let assets = CheckpointDir {
-                root: dummy_assets("tiny"),
+                root: dummy_assets(dummy::builtin_assets(spec)),
             };
             return Ok((LlavaModel::dummy(config, dtype, device)?, assets));
         }
@@ -137,7 +137,7 @@ pub fn load_model_with(
             let tower_dir = dummy_assets("original/clip-336");
             let config = original::config_with_tower(spec, &flat, &tower, tower_dir, original)?;
             let assets = CheckpointDir {
-                root: dummy_assets("original/llava-v1.5-tiny"),
+                root: dummy_assets(dummy::builtin_assets(spec)),
             };
             return Ok((LlavaModel::dummy(config, dtype, device)?, assets));
         }
