@@ -450,3 +450,27 @@ fn a_seeded_draw_is_the_same_on_the_device_path_and_the_host_path() {
         "padded decode steps"
     );
 }
+
+#[test]
+fn an_image_is_encoded_once_however_its_prompt_is_chunked() {
+    // Without a content cache, a 595-token prompt prefills in 64-token chunks, ten of which overlap
+    // its image: the runner holds the features the scheduler had it encode (counted against the
+    // encoder budget once) until the prefill has passed the image, so the image is encoded once and
+    // the answer is HF's.
+    let fx = Fixture::load("tiny");
+    let engine = start(
+        "tiny",
+        EngineConfig {
+            max_num_batched_tokens: 64,
+            image_cache_size: 0,
+            ..EngineConfig::default()
+        },
+    );
+    for name in ["img_landscape", "img_grayscale"] {
+        let events =
+            collect_blocking(engine.submit(prompt(&fx, name), greedy(16)).unwrap()).unwrap();
+        assert_eq!(tokens(&events, 0), reference(&fx, name), "{name}");
+    }
+    let m = engine.metrics();
+    assert_eq!((m.images_encoded, m.image_cache_hits), (2, 0));
+}

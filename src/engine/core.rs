@@ -255,6 +255,7 @@ impl EngineCore {
     /// A sequence leaves the scheduler (its blocks return to the pool), the core and the sampler.
     fn forget_seq(&mut self, seq: SeqId) {
         self.scheduler.remove(seq);
+        self.runner.forget(seq);
         self.seqs.remove(&seq);
         self.sampler.remove(seq);
     }

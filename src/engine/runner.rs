@@ -15,7 +15,7 @@ use crate::model::attention::SequenceStep;
 use crate::model::sampling::sample_rows;
 use crate::model::static_decode::DecodeRow;
 use crate::model::{AttentionMetadata, ForwardInput, KvCache, LlavaModel, ModelError};
-use crate::scheduler::{ScheduledSeq, SeqImage};
+use crate::scheduler::{ScheduledSeq, SeqId, SeqImage};
 use crate::types::{ImageSpan, ProcessedImage, StepLogprobs};
 
 /// One scheduled sequence with what the runner needs to read of it.
@@ -69,10 +69,14 @@ impl ImageEmbeddingCache {
         })
     }
 
+    /// With capacity 0 nothing is kept (`--image-cache-size 0`).
     fn insert(&mut self, hash: [u8; 32], features: Tensor) {
+        if self.capacity == 0 {
+            return;
+        }
         self.clock += 1;
         self.entries.insert(hash, (features, self.clock));
-        while self.entries.len() > self.capacity.max(1) {
+        while self.entries.len() > self.capacity {
             let oldest = *self
                 .entries
                 .iter()
@@ -88,6 +92,9 @@ pub struct ModelRunner {
     model: LlavaModel,
     kv_cache: KvCache,
     image_cache: ImageEmbeddingCache,
+    /// Features of images encoded for a sequence whose prefill has not yet passed them, by
+    /// (sequence, image index).
+    pending: HashMap<(SeqId, usize), Tensor>,
     /// Pure decode steps through fixed-shape buffers (CUDA graphs on a GPU); `None`: always eager.
     fixed_decode: Option<FixedDecode>,
     /// Fixed-shape steps that failed and ran eagerly instead (for rate-limited logging).
@@ -123,49 +130,101 @@ impl ModelRunner {
                 capacity: image_cache_size,
                 clock: 0,
             },
+            pending: HashMap::new(),
             fixed_decode,
             fixed_step_failures: 0,
         })
     }
 
-    /// Features of every image overlapping a scheduled range, encoding the uncached ones in one batch.
+    /// The features of every image overlapping a scheduled range, per entry and image. Exactly the
+    /// images the scheduler handed to the encoder (`encode_images`, counted against its budget) are
+    /// encoded, in one batch, unless the content cache has them; their features are then held for
+    /// the sequence until its prefill has passed the image, so a later chunk never re-encodes one
+    /// (the content cache may have evicted it by then).
     fn image_features(
         &mut self,
         batch: &[BatchEntry<'_>],
         stats: &mut StepImageStats,
-    ) -> Result<HashMap<[u8; 32], Tensor>, ModelError> {
-        let mut found = HashMap::new();
-        let mut missing: Vec<&ProcessedImage> = Vec::new();
+    ) -> Result<Vec<Vec<Option<Tensor>>>, ModelError> {
+        let mut by_hash: HashMap<[u8; 32], Tensor> = HashMap::new();
+        let mut to_encode: Vec<&ProcessedImage> = Vec::new();
         for entry in batch {
-            let (start, end) = range(entry.scheduled);
-            for (img, pixels) in entry.images.iter().zip(entry.pixels) {
-                if !img.overlaps(start, end) || found.contains_key(&img.content_hash) {
+            for &i in &entry.scheduled.encode_images {
+                let hash = entry.images[i].content_hash;
+                if by_hash.contains_key(&hash) || to_encode.iter().any(|p| p.content_hash == hash) {
                     continue;
                 }
-                if missing.iter().any(|m| m.content_hash == img.content_hash) {
-                    continue;
-                }
-                match self.image_cache.get(&img.content_hash) {
+                match self.image_cache.get(&hash) {
                     Some(features) => {
                         stats.cache_hits += 1;
-                        found.insert(img.content_hash, features);
+                        by_hash.insert(hash, features);
                     }
-                    None => missing.push(pixels),
+                    None => to_encode.push(&entry.pixels[i]),
                 }
             }
         }
-        if !missing.is_empty() {
-            let started = Instant::now();
-            let owned: Vec<ProcessedImage> = missing.iter().map(|p| (*p).clone()).collect();
-            let features = encode_images(&self.model, &owned)?;
-            for (img, f) in owned.iter().zip(features) {
-                self.image_cache.insert(img.content_hash, f.clone());
-                found.insert(img.content_hash, f);
+        self.encode_into(&to_encode, &mut by_hash, stats)?;
+        let mut out = Vec::with_capacity(batch.len());
+        for entry in batch {
+            let seq = entry.scheduled.seq_id;
+            for &i in &entry.scheduled.encode_images {
+                let features = by_hash[&entry.images[i].content_hash].clone();
+                self.pending.insert((seq, i), features);
             }
-            stats.encoded += owned.len() as u64;
-            stats.encode_micros += started.elapsed().as_micros() as u64;
+            let (start, end) = range(entry.scheduled);
+            let mut features = vec![None; entry.images.len()];
+            for (i, img) in entry.images.iter().enumerate() {
+                if !img.overlaps(start, end) {
+                    continue;
+                }
+                let f = match self.pending.get(&(seq, i)) {
+                    Some(f) => f.clone(),
+                    // Not handed to the encoder by the scheduler, yet needed: encode it all the same
+                    // (outside the budget) rather than fail the step, and say so.
+                    None => {
+                        tracing::warn!(seq, image = i, "an image the scheduler did not schedule for encoding is needed; encoding it");
+                        let mut one = HashMap::new();
+                        self.encode_into(&[&entry.pixels[i]], &mut one, stats)?;
+                        one.remove(&img.content_hash).expect("just encoded")
+                    }
+                };
+                if img.start + img.len <= end {
+                    self.pending.remove(&(seq, i));
+                } else {
+                    self.pending.insert((seq, i), f.clone());
+                }
+                features[i] = Some(f);
+            }
+            out.push(features);
         }
-        Ok(found)
+        Ok(out)
+    }
+
+    /// Encodes `images` in one batch into `into` (by content hash) and the content cache.
+    fn encode_into(
+        &mut self,
+        images: &[&ProcessedImage],
+        into: &mut HashMap<[u8; 32], Tensor>,
+        stats: &mut StepImageStats,
+    ) -> Result<(), ModelError> {
+        if images.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let owned: Vec<ProcessedImage> = images.iter().map(|p| (*p).clone()).collect();
+        let features = encode_images(&self.model, &owned)?;
+        for (img, f) in owned.iter().zip(features) {
+            self.image_cache.insert(img.content_hash, f.clone());
+            into.insert(img.content_hash, f);
+        }
+        stats.encoded += owned.len() as u64;
+        stats.encode_micros += started.elapsed().as_micros() as u64;
+        Ok(())
+    }
+
+    /// A sequence left the engine: drop the image features held for its prefill.
+    pub fn forget(&mut self, seq: SeqId) {
+        self.pending.retain(|&(s, _), _| s != seq);
     }
 
     /// `plan` says how the sampling rows (in batch order) get their tokens.
@@ -223,13 +282,13 @@ impl ModelRunner {
             let (spans, feats): (Vec<ImageSpan>, Vec<Tensor>) = entry
                 .images
                 .iter()
-                .filter(|img| img.overlaps(start, end))
-                .map(|img| {
+                .zip(&features[index])
+                .filter_map(|(img, f)| {
                     let span = ImageSpan {
                         start: img.start,
                         len: img.len,
                     };
-                    (span, features[&img.content_hash].clone())
+                    Some((span, f.clone()?))
                 })
                 .unzip();
             if let Some((f, rows)) = image_rows_in_range(&spans, &feats, start, s.num_new, offset)?
