@@ -188,7 +188,7 @@ pub struct EngineArgs {
     /// and --num-kv-blocks are not given.
     #[arg(long, env = "LLAVA_SERVER_GPU_MEMORY_UTILIZATION", default_value_t = 0.9, value_parser = parse_share)]
     pub gpu_memory_utilization: f64,
-    /// Image embeddings kept by content hash.
+    /// Image embeddings kept by content hash (0 keeps none; an image is still encoded once per prompt).
     #[arg(long, env = "LLAVA_SERVER_IMAGE_CACHE_SIZE", default_value_t = 64)]
     pub image_cache_size: usize,
     /// Run every step eagerly: no CUDA graphs for decode steps (as vLLM's flag).

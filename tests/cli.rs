@@ -95,6 +95,63 @@ fn generate_with_two_images_on_a_sharded_f16_checkpoint() {
 }
 
 #[test]
+fn generate_answers_as_hf_on_llava_next_and_the_original_format() {
+    // LLaVA-NeXT: two images of different tile grids; the original format: a CLIP tower given by
+    // --vision-tower and the template run_llava.py infers from the folder's name.
+    let dir = common::fixtures();
+    let next = refs("tiny_next_llama");
+    let next_case = case(&next, "two_images");
+    let original = refs("original");
+    let original_case = case(&original, "v15_single");
+    let runs = [
+        (
+            vec![
+                "--model".to_owned(),
+                dir.join("tiny_next_llama").display().to_string(),
+                "--prompt".into(),
+                "Compare the two pictures.".into(),
+                "--image".into(),
+                dir.join("images/gray_300x200.png").display().to_string(),
+                "--image".into(),
+                dir.join("images/scene_336x336.png").display().to_string(),
+                "--max-tokens".into(),
+                "16".into(),
+            ],
+            next_case["greedy"]["text"].as_str().unwrap().to_owned(),
+        ),
+        (
+            vec![
+                "--model".to_owned(),
+                dir.join("original/llava-v1.5-tiny").display().to_string(),
+                "--vision-tower".into(),
+                dir.join("original/clip-336").display().to_string(),
+                "--prompt".into(),
+                original_case["messages"][0]["text"]
+                    .as_str()
+                    .unwrap()
+                    .into(),
+                "--image".into(),
+                dir.join("images/scene_640x480.png").display().to_string(),
+                "--max-tokens".into(),
+                "12".into(),
+            ],
+            original_case["greedy"]["text"].as_str().unwrap().to_owned(),
+        ),
+    ];
+    for (args, want) in runs {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = generate(&args, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The original CLI strips its answer.
+        assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), want.trim());
+    }
+}
+
+#[test]
 fn unreadable_image_fails_cleanly() {
     let bogus = common::fixtures().join("tiny/config.json");
     let out = generate(&["--prompt", "hi", "--image", bogus.to_str().unwrap()], &[]);
