@@ -5,6 +5,9 @@
 //! `get_patch_output_size`, `unpad_image`, `LlavaNextProcessor._get_number_of_features`), with its
 //! float arithmetic and truncations, so that counts and layouts agree with HF to the token.
 
+use super::config::{FeatureSelectStrategy, LlavaConfig};
+use super::ModelError;
+
 /// An image's place in the anyres scheme: how many tiles it has and its original size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageGeometry {
@@ -132,6 +135,70 @@ pub struct UnpaddedGrid {
     pub rows: usize,
     pub first_col: usize,
     pub cols: usize,
+}
+
+impl LlavaConfig {
+    /// Placeholder tokens an image of this size becomes: a constant for LLaVA-1.5, its anyres count
+    /// for LLaVA-NeXT.
+    pub fn image_token_count(&self, height: usize, width: usize) -> usize {
+        match &self.anyres {
+            None => self.image_feature_count(),
+            Some(anyres) => anyres.token_count(height, width, self.image_feature_count()),
+        }
+    }
+
+    /// The most placeholder tokens any image can become (for budgets set before images are seen).
+    pub fn max_image_token_count(&self) -> usize {
+        match &self.anyres {
+            None => self.image_feature_count(),
+            Some(anyres) => {
+                let base = self.image_feature_count();
+                // The count grows with the grid; the largest grid's images fill it without padding.
+                anyres
+                    .pinpoints
+                    .iter()
+                    .map(|&(h, w)| {
+                        base + (h / anyres.tile * anyres.patches_per_side)
+                            * (w / anyres.tile * anyres.patches_per_side + 1)
+                    })
+                    .max()
+                    .unwrap_or(base)
+            }
+        }
+    }
+}
+
+/// LLaVA-NeXT's tiling from its pinpoints (LlavaNextConfig's default list when absent).
+pub(super) fn anyres_config(
+    pinpoints: Option<Vec<Vec<usize>>>,
+    config: &LlavaConfig,
+) -> Result<AnyRes, ModelError> {
+    if config.feature_select_strategy != FeatureSelectStrategy::Default {
+        return Err(ModelError::Config(
+            "LLaVA-NeXT packs tiles of patch features: vision_feature_select_strategy must be \"default\"".into(),
+        ));
+    }
+    let tile = config.vision.image_size;
+    let pinpoints = match pinpoints {
+        None => vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)],
+        Some(list) => list
+            .into_iter()
+            .map(|p| match p[..] {
+                [h, w] if h > 0 && w > 0 && h % tile == 0 && w % tile == 0 => Ok((h, w)),
+                _ => Err(ModelError::Config(format!(
+                    "image_grid_pinpoints entry {p:?} must be [height, width], multiples of the image size {tile}"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    if pinpoints.is_empty() {
+        return Err(ModelError::Config("image_grid_pinpoints is empty".into()));
+    }
+    Ok(AnyRes {
+        pinpoints,
+        tile,
+        patches_per_side: tile / config.vision.patch_size,
+    })
 }
 
 #[cfg(test)]

@@ -201,35 +201,6 @@ impl LlavaConfig {
         self.vision.num_patches() + cls
     }
 
-    /// Placeholder tokens an image of this size becomes: a constant for LLaVA-1.5, its anyres count
-    /// for LLaVA-NeXT.
-    pub fn image_token_count(&self, height: usize, width: usize) -> usize {
-        match &self.anyres {
-            None => self.image_feature_count(),
-            Some(anyres) => anyres.token_count(height, width, self.image_feature_count()),
-        }
-    }
-
-    /// The most placeholder tokens any image can become (for budgets set before images are seen).
-    pub fn max_image_token_count(&self) -> usize {
-        match &self.anyres {
-            None => self.image_feature_count(),
-            Some(anyres) => {
-                let base = self.image_feature_count();
-                // The count grows with the grid; the largest grid's images fill it without padding.
-                anyres
-                    .pinpoints
-                    .iter()
-                    .map(|&(h, w)| {
-                        base + (h / anyres.tile * anyres.patches_per_side)
-                            * (w / anyres.tile * anyres.patches_per_side + 1)
-                    })
-                    .max()
-                    .unwrap_or(base)
-            }
-        }
-    }
-
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
             path: path.to_owned(),
@@ -282,43 +253,13 @@ impl LlavaConfig {
             anyres: None,
         };
         if next {
-            config.anyres = Some(anyres_config(raw.image_grid_pinpoints, &config)?);
+            config.anyres = Some(super::anyres::anyres_config(
+                raw.image_grid_pinpoints,
+                &config,
+            )?);
         }
         Ok(config)
     }
-}
-
-/// LLaVA-NeXT's tiling from its pinpoints (LlavaNextConfig's default list when absent).
-fn anyres_config(
-    pinpoints: Option<Vec<Vec<usize>>>,
-    config: &LlavaConfig,
-) -> Result<super::anyres::AnyRes, ModelError> {
-    if config.feature_select_strategy != FeatureSelectStrategy::Default {
-        return Err(ModelError::Config(
-            "LLaVA-NeXT packs tiles of patch features: vision_feature_select_strategy must be \"default\"".into(),
-        ));
-    }
-    let tile = config.vision.image_size;
-    let pinpoints = match pinpoints {
-        None => vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)],
-        Some(list) => list
-            .into_iter()
-            .map(|p| match p[..] {
-                [h, w] if h > 0 && w > 0 && h % tile == 0 && w % tile == 0 => Ok((h, w)),
-                _ => Err(ModelError::Config(format!(
-                    "image_grid_pinpoints entry {p:?} must be [height, width], multiples of the image size {tile}"
-                ))),
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    if pinpoints.is_empty() {
-        return Err(ModelError::Config("image_grid_pinpoints is empty".into()));
-    }
-    Ok(super::anyres::AnyRes {
-        pinpoints,
-        tile,
-        patches_per_side: tile / config.vision.patch_size,
-    })
 }
 
 /// Each feature layer indexes CLIP's hidden states (embeddings + one per layer), from either end;
