@@ -3,6 +3,7 @@
 //! scheduling rule per step. The engine's runner alone turns its output into model inputs.
 
 pub mod block_pool;
+pub mod kv_manager;
 pub mod policy;
 pub mod sequence;
 

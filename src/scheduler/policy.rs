@@ -6,6 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::block_pool::BlockPool;
+use super::kv_manager::KvManager;
 use super::sequence::{SeqId, SeqStatus, Sequence};
 
 /// Limits of one step.
@@ -48,7 +49,7 @@ impl SchedulerOutput {
 
 pub struct Scheduler {
     config: SchedulerConfig,
-    pool: BlockPool,
+    kv: KvManager,
     seqs: HashMap<SeqId, Sequence>,
     waiting: VecDeque<SeqId>,
     /// In admission order: the last one is the newest, the first to be preempted.
@@ -61,7 +62,7 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig, pool: BlockPool) -> Self {
         Self {
             config,
-            pool,
+            kv: KvManager::new(pool),
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -71,7 +72,7 @@ impl Scheduler {
     }
 
     pub fn pool(&self) -> &BlockPool {
-        &self.pool
+        self.kv.pool()
     }
 
     /// Queues a sequence (at the back: first come, first served).
@@ -113,10 +114,6 @@ impl Scheduler {
         self.num_prefix_hit_tokens
     }
 
-    fn blocks_for(&self, tokens: usize) -> usize {
-        tokens.div_ceil(self.pool.block_size())
-    }
-
     /// Cuts `num_new` so that the images first scheduled in this chunk fit the encoder budget;
     /// returns the chunk length and those images.
     fn fit_encoder_budget(
@@ -149,7 +146,7 @@ impl Scheduler {
     fn preempt_newest(&mut self, out: &mut SchedulerOutput) -> Option<SeqId> {
         let victim = self.running.pop()?;
         let seq = self.seqs.get_mut(&victim).expect("running sequences exist");
-        seq.reset_for_recompute();
+        self.kv.free(seq);
         seq.status = SeqStatus::Waiting;
         seq.num_preemptions += 1;
         self.num_preemptions += 1;
@@ -178,11 +175,8 @@ impl Scheduler {
                 index += 1;
                 continue;
             }
-            let needed = self
-                .blocks_for(seq.num_computed_tokens + num_new)
-                .saturating_sub(seq.num_blocks());
             let mut self_preempted = false;
-            while !self.pool.can_allocate(needed) {
+            while !self.kv.can_allocate_slots(&self.seqs[&id], num_new) {
                 if self.preempt_newest(&mut out) == Some(id) {
                     self_preempted = true;
                     break;
@@ -192,8 +186,7 @@ impl Scheduler {
                 break;
             }
             let seq = self.seqs.get_mut(&id).expect("running");
-            seq.blocks
-                .extend(self.pool.allocate(needed).expect("checked"));
+            self.kv.allocate_slots(seq, num_new).expect("checked");
             out.scheduled
                 .push(Self::commit(seq, num_new, encode_images));
             out.num_batched_tokens += num_new;
@@ -232,21 +225,16 @@ impl Scheduler {
             if waits_for_sibling {
                 break;
             }
-            let pool = self.pool.clone();
             let seq = self.seqs.get_mut(&id).expect("waiting sequences exist");
-            let cached = seq.take_cached_prefix(&pool);
+            let cached = self.kv.get_computed_blocks(seq);
             seq.num_computed_tokens = cached;
             let wanted = (seq.len() - cached).min(token_budget);
             let (num_new, encode_images) =
                 Self::fit_encoder_budget(seq, wanted, &mut encoder_budget);
-            let needed = (cached + num_new)
-                .div_ceil(pool.block_size())
-                .saturating_sub(seq.num_blocks());
-            if num_new == 0 || !pool.can_allocate(needed) {
-                seq.reset_for_recompute();
+            if num_new == 0 || self.kv.allocate_slots(seq, num_new).is_none() {
+                self.kv.free(seq);
                 break;
             }
-            seq.blocks.extend(pool.allocate(needed).expect("checked"));
             seq.num_cached_prompt_tokens = cached.min(seq.num_prompt_tokens);
             seq.status = SeqStatus::Running;
             self.num_prefix_hit_tokens += cached as u64;
@@ -280,7 +268,7 @@ impl Scheduler {
     pub fn update(&mut self, out: &SchedulerOutput, sampled: &[(SeqId, u32)]) {
         for s in &out.scheduled {
             if let Some(seq) = self.seqs.get_mut(&s.seq_id) {
-                seq.register_computed_blocks(&self.pool);
+                self.kv.cache_computed_blocks(seq);
             }
         }
         for &(id, token) in sampled {

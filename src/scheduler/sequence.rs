@@ -1,7 +1,7 @@
 //! A sequence as the scheduler sees it: token ids (prompt, then generated), how many of them have K/V
 //! in the cache (`num_computed_tokens`), the blocks that hold them, and where its images' placeholders lie.
 
-use super::block_pool::{BlockKey, BlockPool, KvBlock};
+use super::block_pool::{BlockKey, KvBlock};
 
 pub type SeqId = u64;
 
@@ -111,50 +111,5 @@ impl Sequence {
                 .map(|img| img.content_hash)
                 .collect(),
         }
-    }
-
-    /// Takes the longest run of leading blocks found in the prefix cache, leaving at least the last
-    /// token to compute (its logits are needed). Returns the number of tokens covered.
-    pub(super) fn take_cached_prefix(&mut self, pool: &BlockPool) -> usize {
-        if self.computes_whole_prompt {
-            return 0;
-        }
-        let bs = pool.block_size();
-        let max_blocks = self.len().saturating_sub(1) / bs;
-        let mut parent = None;
-        while self.blocks.len() < max_blocks {
-            let key = self.block_key(self.blocks.len(), bs, parent);
-            let hash = key.hash();
-            match pool.lookup(&key, hash) {
-                Some(block) => {
-                    self.blocks.push(block);
-                    self.block_hashes.push(hash);
-                    parent = Some(hash);
-                }
-                None => break,
-            }
-        }
-        self.blocks.len() * bs
-    }
-
-    /// Registers every full, computed block not yet in the prefix cache.
-    pub(super) fn register_computed_blocks(&mut self, pool: &BlockPool) {
-        let bs = pool.block_size();
-        let full = (self.num_computed_tokens / bs).min(self.blocks.len());
-        while self.block_hashes.len() < full {
-            let index = self.block_hashes.len();
-            let key = self.block_key(index, bs, self.block_hashes.last().copied());
-            let hash = key.hash();
-            pool.register(&self.blocks[index], key, hash);
-            self.block_hashes.push(hash);
-        }
-    }
-
-    /// Gives back every block and forgets computed state: the sequence will be recomputed.
-    pub(super) fn reset_for_recompute(&mut self) {
-        self.blocks.clear();
-        self.block_hashes.clear();
-        self.num_computed_tokens = 0;
-        self.images_scheduled.iter_mut().for_each(|s| *s = false);
     }
 }
