@@ -300,3 +300,22 @@ fn built_in_next_shapes_have_matching_assets() {
         assert_eq!(prompt.image_spans[0].len, 2340, "{name}");
     }
 }
+
+#[test]
+fn the_pixel_cap_covers_every_tiling_intermediate() {
+    // A 2000×20 strip is 40,000 pixels, but squashing it to the 56×56 base image passes through
+    // 2000×56 = 112,000 (Pillow resizes one axis, then the other).
+    let l = load("tiny_next_mistral");
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(2000, 20, image::Rgb([10, 200, 30]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let err = l
+        .processor
+        .process_bytes_within(&png, 100_000)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tiling it needs 2000×56 pixels"), "{err}");
+    let image = l.processor.process_bytes_within(&png, 112_000).unwrap();
+    assert_eq!((image.source_size, image.tiles), ((20, 2000), 4));
+}

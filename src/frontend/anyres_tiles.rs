@@ -61,23 +61,23 @@ impl AnyResTiling {
         })
     }
 
-    /// The largest image any step of tiling builds for an image of this size, in pixels (for the
-    /// pixel cap): the patch resize's intermediate and result, the padded grid, the base resize.
-    pub fn largest_intermediate(&self, width: usize, height: usize) -> u64 {
+    /// The largest image any step of tiling builds for an image of this size, (width, height) (for
+    /// the pixel cap): the patch resize's intermediate and result, the padded grid, the base resize.
+    pub fn largest_intermediate(&self, width: usize, height: usize) -> (usize, usize) {
         let best = self.best(height, width);
         let (nh, nw) = patch_output_size(height, width, best);
-        let px = |w: usize, h: usize| (w as u64).saturating_mul(h as u64);
+        let px = |&(w, h): &(usize, usize)| (w as u64).saturating_mul(h as u64);
         [
-            px(nw, nh),
-            px(nw, height),
-            px(width, nh),
-            px(best.1, best.0),
-            px(self.base.1, height),
-            px(width, self.base.0),
+            (nw, nh),
+            (nw, height),
+            (width, nh),
+            (best.1, best.0),
+            (self.base.1, height),
+            (width, self.base.0),
         ]
         .into_iter()
-        .max()
-        .unwrap_or(0)
+        .max_by_key(px)
+        .unwrap_or((0, 0))
     }
 
     fn best(&self, height: usize, width: usize) -> (usize, usize) {

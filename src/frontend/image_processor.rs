@@ -271,12 +271,9 @@ impl ImageProcessorConfig {
         };
         let pixels = |w: usize, h: usize| (w as u64).saturating_mul(h as u64);
         if let Some(anyres) = &self.anyres {
-            if anyres.largest_intermediate(width, height) > max_pixels {
-                return Err(too_large(
-                    "tiling it needs more than the",
-                    max_pixels as usize,
-                    1,
-                ));
+            let (w, h) = anyres.largest_intermediate(width, height);
+            if pixels(w, h) > max_pixels {
+                return Err(too_large("tiling it needs", w, h));
             }
             return Ok(());
         }
