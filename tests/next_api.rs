@@ -146,3 +146,30 @@ async fn tokenize_refuses_images_it_cannot_count() {
     let (status, answer) = post(&t, "/tokenize", &text).await;
     assert_eq!(status, 200, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_that_cannot_fit_are_refused_from_their_headers() {
+    // A 640×480 image is 70 tokens here: with `max_tokens` leaving room for 60 prompt tokens, the
+    // request is refused from the header alone — the PNG is cut after its header, so decoding it
+    // would have failed with another error.
+    let t = start(next_options()).await;
+    let models: Value = t
+        .client
+        .get(format!("{}/v1/models", t.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let context = models["data"][0]["max_model_len"].as_u64().unwrap();
+    let png = std::fs::read(fixtures().join("images/scene_640x480.png")).unwrap();
+    let body = json!({"model": MODEL, "max_tokens": context - 60, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri_of(&png[..200], "image/png")}},
+        {"type": "text", "text": "Hi"}]}]});
+    let (status, answer) = post(&t, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 400, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("images of [70] tokens"), "{message}");
+    assert_eq!(answer["error"]["param"], "max_tokens", "{answer}");
+}

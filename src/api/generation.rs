@@ -15,6 +15,7 @@ use super::wire::{
     ChatCompletionRequest, PromptTokensDetails, TokenLogprobWire, TopLogprobWire, UsageWire,
 };
 use crate::engine::RequestStream;
+use crate::frontend::media::read_header;
 use crate::frontend::ChoiceText;
 use crate::types::{
     FinishReason, ProcessedImage, SamplingParams, StepLogprobs, TokenConstraint, TokenEvent,
@@ -66,6 +67,7 @@ async fn load_images(
     state: &AppState,
     model: &ServedModel,
     urls: Vec<String>,
+    asked_max_tokens: Option<usize>,
 ) -> Result<Vec<ProcessedImage>, ApiError> {
     let fetched = futures_util::future::join_all(urls.iter().map(|u| async move {
         let started = Instant::now();
@@ -78,8 +80,9 @@ async fn load_images(
     for f in fetched {
         bytes.push(f?);
     }
-    let processor = model.processor.clone();
     let max_pixels = state.media.policy().max_pixels;
+    check_image_tokens_fit(state, model, &bytes, max_pixels, asked_max_tokens)?;
+    let processor = model.processor.clone();
     let images = tokio::task::spawn_blocking(move || {
         bytes
             .iter()
@@ -101,6 +104,38 @@ async fn load_images(
     Ok(images)
 }
 
+/// Where an image's token count depends on its size (LLaVA-NeXT), the counts from the images'
+/// headers, before any pixel is decoded: images that cannot fit the context with `max_tokens` are
+/// refused here rather than after decoding. (Validation counted each at the least any image takes.)
+fn check_image_tokens_fit(
+    state: &AppState,
+    model: &ServedModel,
+    images: &[Vec<u8>],
+    max_pixels: u64,
+    asked_max_tokens: Option<usize>,
+) -> Result<(), ApiError> {
+    if !model.builder.image_counts_vary() || images.is_empty() {
+        return Ok(());
+    }
+    let mut counts = Vec::with_capacity(images.len());
+    for bytes in images {
+        let (width, height) = read_header(bytes, max_pixels)?.size();
+        counts.push(model.builder.image_token_count(height, width));
+    }
+    let least: usize = counts.iter().sum();
+    let limits = state.limits(model);
+    limits
+        .context
+        .fit(least, asked_max_tokens)
+        .map(drop)
+        .map_err(|overflow| {
+            context_error(
+                overflow,
+                &format!("the prompt is at least {least} tokens (images of {counts:?} tokens, by their sizes, and the text)"),
+            )
+        })
+}
+
 /// Validation, images and tokenization of a chat request.
 pub async fn prepare_chat(
     state: &SharedState,
@@ -112,7 +147,13 @@ pub async fn prepare_chat(
     let valid = validate_chat(req, &state.limits(model), client_key)?;
     let (in_flight, _preparing) = admit_and_wait(state).await?;
     let constraint = compile_output_format(model, &valid.generation).await?;
-    let images = load_images(state, model, valid.image_urls).await?;
+    let images = load_images(
+        state,
+        model,
+        valid.image_urls,
+        valid.generation.asked_max_tokens,
+    )
+    .await?;
     let builder = model.builder.clone();
     let messages = valid.messages;
     let prompt = tokio::task::spawn_blocking(move || builder.build(&messages, images))

@@ -147,6 +147,14 @@ impl PromptBuilder {
         self.features_per_image
     }
 
+    /// Tokens an image of this size becomes.
+    pub fn image_token_count(&self, height: usize, width: usize) -> usize {
+        match &self.anyres {
+            Some(anyres) => anyres.token_count(height, width, self.features_per_image),
+            None => self.features_per_image,
+        }
+    }
+
     /// Whether images become different numbers of tokens by their size (LLaVA-NeXT).
     pub fn image_counts_vary(&self) -> bool {
         self.anyres.is_some()
@@ -233,12 +241,9 @@ impl PromptBuilder {
     /// Placeholder tokens for the image in place `index`: its own count when it is known (LLaVA-NeXT
     /// counts depend on the size), else `features_per_image`.
     fn image_len(&self, images: &[ProcessedImage], index: usize) -> usize {
-        match (&self.anyres, images.get(index)) {
-            (Some(anyres), Some(img)) => {
-                let (height, width) = img.source_size;
-                anyres.token_count(height, width, self.features_per_image)
-            }
-            _ => self.features_per_image,
+        match images.get(index) {
+            Some(img) => self.image_token_count(img.source_size.0, img.source_size.1),
+            None => self.features_per_image,
         }
     }
 
