@@ -168,15 +168,7 @@ async fn text_completion_and_string_content_match_hf() {
         assert!(lp <= 0.0);
     }
 
-    let models: Value = t
-        .client
-        .get(format!("{}/v1/models", t.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_json(&t, "/v1/models").await;
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], MODEL);
 }

@@ -3,32 +3,8 @@
 
 mod common;
 
-use common::{ids, Fixture};
+use common::{hf_messages, ids, Fixture};
 use llava_server::frontend::{ChatMessage, MessagePart, Role};
-
-fn parse(messages: &serde_json::Value) -> Vec<ChatMessage> {
-    messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| ChatMessage {
-            role: match m["role"].as_str().unwrap() {
-                "system" => Role::System,
-                "assistant" => Role::Assistant,
-                _ => Role::User,
-            },
-            parts: m["content"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| match p["type"].as_str().unwrap() {
-                    "image" => MessagePart::Image,
-                    _ => MessagePart::Text(p["text"].as_str().unwrap().to_owned()),
-                })
-                .collect(),
-        })
-        .collect()
-}
 
 #[test]
 fn reference_conversations_render_and_tokenize_like_hf() {
@@ -53,7 +29,7 @@ fn reference_conversations_render_and_tokenize_like_hf() {
         .iter()
         .filter(|c| c.get("chat_messages").is_some())
     {
-        let messages = parse(&case["chat_messages"]);
+        let messages = hf_messages(&case["chat_messages"]);
         assert_eq!(
             gqa.builder.render(&messages).unwrap(),
             case["prompt"].as_str().unwrap(),

@@ -4,13 +4,11 @@
 
 mod common;
 
-use candle_core::{Device, Tensor};
-use common::{assert_close, ids, Fixture};
+use candle_core::Device;
+use common::{assert_close, event_ids, greedy_events, ids, last_logits, Fixture};
 use llava_server::engine::inputs::pixel_values;
-use llava_server::engine::single_sequence::SequenceState;
 use llava_server::engine::{self, EngineConfig};
 use llava_server::frontend::ChoiceText;
-use llava_server::types::SamplingParams;
 
 fn check_all_cases(variant: &str) {
     let fx = Fixture::load(variant);
@@ -70,9 +68,7 @@ fn check_all_cases(variant: &str) {
         }
 
         // Last-position logits of the prompt.
-        let mut seq = SequenceState::new(&fx.model, prompt.token_ids.len(), 16).unwrap();
-        let logits = seq.prefill(&prompt, None).unwrap();
-        let logits = Tensor::new(logits, &Device::Cpu).unwrap();
+        let logits = last_logits(&fx.model, &prompt);
         assert_close(
             &format!("{name}: last logits"),
             &logits,
@@ -83,13 +79,8 @@ fn check_all_cases(variant: &str) {
         // 16 greedy tokens through the engine, ids and text (whole and incremental decoding).
         // The references never stopped at EOS.
         let want = ids(&case["greedy"]["ids"]);
-        let params = SamplingParams {
-            max_tokens: want.len(),
-            ignore_eos: true,
-            ..SamplingParams::default()
-        };
-        let events = engine::collect_blocking(engine.submit(prompt, params).unwrap()).unwrap();
-        let got: Vec<u32> = events.iter().flat_map(|e| e.token_ids.clone()).collect();
+        let events = greedy_events(&engine, prompt, want.len(), true);
+        let got = event_ids(&events);
         assert_eq!(got, want, "{name}: greedy ids");
         let want_text = case["greedy"]["text"].as_str().unwrap();
         assert_eq!(

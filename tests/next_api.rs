@@ -18,17 +18,7 @@ fn next_options() -> llava_server::api::server::ServeOptions {
 }
 
 fn case(name: &str) -> Value {
-    let refs: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("refs/tiny_next_mistral.json")).unwrap(),
-    )
-    .unwrap();
-    refs["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap()
-        .clone()
+    reference_case("tiny_next_mistral", name)
 }
 
 /// The case as an OpenAI request: its messages with each `{"type": "image"}` part in turn replaced
@@ -153,15 +143,7 @@ async fn images_that_cannot_fit_are_refused_from_their_headers() {
     // request is refused from the header alone — the PNG is cut after its header, so decoding it
     // would have failed with another error.
     let t = start(next_options()).await;
-    let models: Value = t
-        .client
-        .get(format!("{}/v1/models", t.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_json(&t, "/v1/models").await;
     let context = models["data"][0]["max_model_len"].as_u64().unwrap();
     let png = std::fs::read(fixtures().join("images/scene_640x480.png")).unwrap();
     let body = json!({"model": MODEL, "max_tokens": context - 60, "messages": [{"role": "user", "content": [

@@ -7,14 +7,15 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixtures, ids, strided};
+use common::{
+    assert_close, event_ids, fixtures, greedy_events, hf_messages, ids, last_logits, strided,
+};
 use llava_server::engine::inputs::{encode_images, pixel_values};
-use llava_server::engine::single_sequence::SequenceState;
 use llava_server::engine::{self, EngineConfig};
 use llava_server::frontend::{ChatMessage, ImageProcessorConfig, MessagePart, PromptBuilder, Role};
 use llava_server::model::anyres::AnyRes;
 use llava_server::model::{load_model, LlavaModel, LoadFormat};
-use llava_server::types::{ProcessedImage, SamplingParams};
+use llava_server::types::ProcessedImage;
 use serde_json::Value;
 use sha2::Digest;
 use std::collections::HashMap;
@@ -55,31 +56,6 @@ fn refs(variant: &str) -> (Value, HashMap<String, Tensor>) {
     (json, tensors)
 }
 
-/// HF's chat messages (`{"type": "image"}` / `{"type": "text"}` parts) as ours.
-fn messages(case: &Value) -> Vec<ChatMessage> {
-    case["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| ChatMessage {
-            role: match m["role"].as_str().unwrap() {
-                "system" => Role::System,
-                "assistant" => Role::Assistant,
-                _ => Role::User,
-            },
-            parts: m["content"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| match p["type"].as_str().unwrap() {
-                    "image" => MessagePart::Image,
-                    _ => MessagePart::Text(p["text"].as_str().unwrap().into()),
-                })
-                .collect(),
-        })
-        .collect()
-}
-
 /// Pixel values laid out as HF batches them: `[images, max_tiles, c, h, w]`, short images padded
 /// with zero tiles.
 fn hf_batched_pixels(images: &[ProcessedImage]) -> Vec<f32> {
@@ -111,7 +87,7 @@ fn check_cases(variant: &str) {
     assert!(cases.len() >= 6);
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let text = l.builder.render(&messages(case)).unwrap();
+        let text = l.builder.render(&hf_messages(&case["messages"])).unwrap();
         assert_eq!(text, case["prompt"].as_str().unwrap(), "{name}: prompt");
         let images: Vec<ProcessedImage> = case["images"]
             .as_array()
@@ -183,8 +159,7 @@ fn check_cases(variant: &str) {
             );
         }
 
-        let mut seq = SequenceState::new(&l.model, prompt.token_ids.len(), 16).unwrap();
-        let logits = Tensor::new(seq.prefill(&prompt, None).unwrap(), &Device::Cpu).unwrap();
+        let logits = last_logits(&l.model, &prompt);
         assert_close(
             &format!("{name}: last logits"),
             &strided(&logits),
@@ -199,13 +174,7 @@ fn check_cases(variant: &str) {
         );
 
         let want = ids(&case["greedy"]["ids"]);
-        let params = SamplingParams {
-            max_tokens: want.len(),
-            ignore_eos: true,
-            ..SamplingParams::default()
-        };
-        let events = engine::collect_blocking(engine.submit(prompt, params).unwrap()).unwrap();
-        let got: Vec<u32> = events.iter().flat_map(|e| e.token_ids.clone()).collect();
+        let got = event_ids(&greedy_events(&engine, prompt, want.len(), true));
         assert_eq!(got, want, "{name}: greedy ids");
         assert_eq!(
             l.builder.decode(&got).unwrap(),

@@ -225,17 +225,7 @@ fn original_options(
 }
 
 fn original_case(name: &str) -> Value {
-    let refs: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("refs/original.json")).unwrap(),
-    )
-    .unwrap();
-    refs["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap()
-        .clone()
+    reference_case("original", name)
 }
 
 /// The case as an OpenAI chat request: its system sentence when it replaced the template's, each

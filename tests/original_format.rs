@@ -8,13 +8,11 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixtures, ids, strided};
+use common::{assert_close, event_ids, fixtures, greedy_events, ids, last_logits, strided};
 use llava_server::engine::inputs::pixel_values;
-use llava_server::engine::single_sequence::SequenceState;
 use llava_server::engine::{self, EngineConfig};
 use llava_server::frontend::{ChatMessage, ImageProcessorConfig, MessagePart, PromptBuilder, Role};
 use llava_server::model::{load_model_with, LlavaModel, LoadFormat, OriginalOptions};
-use llava_server::types::SamplingParams;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -131,6 +129,15 @@ fn check_cases(checkpoint: &str) {
         .collect();
     assert!(cases.len() >= 5, "{checkpoint}: {} cases", cases.len());
     let mut loaded: HashMap<String, Loaded> = HashMap::new();
+    let engine = engine::start(
+        load(checkpoint, None).model,
+        EngineConfig {
+            num_kv_blocks: Some(64),
+            eos_token_ids: vec![2],
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let template =
@@ -203,8 +210,7 @@ fn check_cases(checkpoint: &str) {
             );
         }
 
-        let mut seq = SequenceState::new(&l.model, prompt.token_ids.len(), 16).unwrap();
-        let logits = Tensor::new(seq.prefill(&prompt, None).unwrap(), &Device::Cpu).unwrap();
+        let logits = last_logits(&l.model, &prompt);
         assert_close(
             &format!("{name}: last logits"),
             &strided(&logits),
@@ -215,23 +221,10 @@ fn check_cases(checkpoint: &str) {
             assert_close(&format!("{name}: all last logits"), &logits, full, 1e-4);
         }
 
-        // Greedy tokens through the batched engine on its own copy of the model.
+        // Greedy tokens through the batched engine (the template does not change the model).
         let want = ids(&case["greedy"]["ids"]);
-        let engine = engine::start(
-            load(checkpoint, template).model,
-            EngineConfig {
-                num_kv_blocks: Some(64),
-                eos_token_ids: vec![2],
-                ..EngineConfig::default()
-            },
-        )
-        .unwrap();
-        let params = SamplingParams {
-            max_tokens: case["greedy"]["max_new_tokens"].as_u64().unwrap() as usize,
-            ..SamplingParams::default()
-        };
-        let events = engine::collect_blocking(engine.submit(prompt, params).unwrap()).unwrap();
-        let got: Vec<u32> = events.iter().flat_map(|e| e.token_ids.clone()).collect();
+        let max_tokens = case["greedy"]["max_new_tokens"].as_u64().unwrap() as usize;
+        let got = event_ids(&greedy_events(&engine, prompt, max_tokens, false));
         assert_eq!(got, want, "{name}: greedy ids");
         assert_eq!(
             l.builder.decode(&got).unwrap().trim(),

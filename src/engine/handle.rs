@@ -173,7 +173,7 @@ pub fn start(model: LlavaModel, config: EngineConfig) -> Result<EngineHandle, Mo
     // The budget must admit the largest image on its own.
     let max_encoder_tokens = config
         .max_num_encoder_tokens
-        .max(model.config.max_image_token_count());
+        .max(model.config.image_tokens().most());
     let context = [
         Some(model.config.text.max_position_embeddings),
         Some(num_blocks * config.block_size),

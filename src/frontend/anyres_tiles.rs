@@ -7,7 +7,7 @@
 use super::image_processor::{ImageProcessorConfig, ResizeTarget};
 use super::pil_resize::{resize_bicubic, Image8};
 use super::FrontendError;
-use crate::model::anyres::{best_resolution, patch_output_size};
+use crate::model::anyres::{best_resolution, patch_output_size, DEFAULT_PINPOINTS};
 
 /// The processor's anyres settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +38,7 @@ impl AnyResTiling {
         let tile = processor.crop.map(|(h, _)| h).unwrap_or(base.0);
         // LlavaNextImageProcessor's default grid.
         let pinpoints = match pinpoints {
-            None => vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)],
+            None => DEFAULT_PINPOINTS.to_vec(),
             Some(list) => list
                 .into_iter()
                 .map(|p| match p[..] {

@@ -264,6 +264,13 @@ impl ConvTemplate {
 mod tests {
     use super::*;
 
+    fn assistant(text: &str) -> Turn {
+        Turn {
+            assistant: true,
+            text: text.into(),
+        }
+    }
+
     fn user(text: &str) -> Turn {
         Turn {
             assistant: false,
@@ -303,14 +310,7 @@ mod tests {
     #[test]
     fn single_separator_prompt_and_stop() {
         let t = ConvTemplate::by_name("llava_v0").unwrap();
-        let turns = [
-            user("Hi"),
-            Turn {
-                assistant: true,
-                text: "Hello".into(),
-            },
-            user("Bye"),
-        ];
+        let turns = [user("Hi"), assistant("Hello"), user("Bye")];
         let prompt = t.render(Some("Be brief."), &turns, true).unwrap();
         assert_eq!(
             prompt,
@@ -322,14 +322,7 @@ mod tests {
     #[test]
     fn llama_2_prompt_strips_the_leading_separator() {
         let t = ConvTemplate::by_name("llava_llama_2").unwrap();
-        let turns = [
-            user("Hi"),
-            Turn {
-                assistant: true,
-                text: "Hello".into(),
-            },
-            user("Bye"),
-        ];
+        let turns = [user("Hi"), assistant("Hello"), user("Bye")];
         let prompt = t.render(Some("S"), &turns, true).unwrap();
         assert_eq!(
             prompt,

@@ -1,5 +1,6 @@
 //! Client input → `TokenizedPrompt`: image decoding and CLIP preprocessing, the chat template,
-//! tokenization with image placeholders. Knows the model only through `model::config`.
+//! tokenization with image placeholders. Knows the model only through `model::config` and
+//! `model::anyres` (the image-token rule and LLaVA-NeXT's tiling geometry).
 
 pub mod anyres_tiles;
 pub mod chat_template;

@@ -13,7 +13,7 @@ use super::chat_template::{ChatTemplate, TemplateMessage, TemplatePart};
 use super::conversation::{infer_template_name, ConvTemplate, Turn};
 use super::sentencepiece::{load_original_tokenizer, SlowPrefix};
 use super::FrontendError;
-use crate::model::anyres::AnyRes;
+use crate::model::anyres::ImageTokens;
 use crate::model::config::LlavaConfig;
 use crate::types::{ImageSpan, ProcessedImage, TokenizedPrompt};
 
@@ -73,9 +73,8 @@ pub struct PromptBuilder {
     bos_token: String,
     eos_token: String,
     image_token_id: u32,
-    features_per_image: usize,
-    /// LLaVA-NeXT: each image's count depends on its size.
-    anyres: Option<AnyRes>,
+    /// How many tokens each image becomes.
+    image_tokens: ImageTokens,
     /// Longest vocabulary entry in bytes (`max_token_bytes`).
     max_token_bytes: usize,
 }
@@ -136,28 +135,24 @@ impl PromptBuilder {
             bos_token: special.bos,
             eos_token: special.eos,
             image_token_id: config.image_token_id,
-            features_per_image: config.image_feature_count(),
-            anyres: config.anyres.clone(),
+            image_tokens: config.image_tokens(),
         })
     }
 
     /// Placeholder tokens each image becomes, or for LLaVA-NeXT the least any image becomes (its base
     /// tile's; the grid adds to it).
     pub fn features_per_image(&self) -> usize {
-        self.features_per_image
+        self.image_tokens.least()
     }
 
     /// Tokens an image of this size becomes.
     pub fn image_token_count(&self, height: usize, width: usize) -> usize {
-        match &self.anyres {
-            Some(anyres) => anyres.token_count(height, width, self.features_per_image),
-            None => self.features_per_image,
-        }
+        self.image_tokens.count(height, width)
     }
 
     /// Whether images become different numbers of tokens by their size (LLaVA-NeXT).
     pub fn image_counts_vary(&self) -> bool {
-        self.anyres.is_some()
+        self.image_tokens.vary()
     }
 
     /// The longest vocabulary entry in bytes: text of N bytes is at least N / this many tokens.
@@ -243,7 +238,7 @@ impl PromptBuilder {
     fn image_len(&self, images: &[ProcessedImage], index: usize) -> usize {
         match images.get(index) {
             Some(img) => self.image_token_count(img.source_size.0, img.source_size.1),
-            None => self.features_per_image,
+            None => self.image_tokens.least(),
         }
     }
 
@@ -267,7 +262,7 @@ impl PromptBuilder {
             .filter(|&&t| t == self.image_token_id)
             .count();
         let mut token_ids =
-            Vec::with_capacity(compact.len() + placeholders * self.features_per_image);
+            Vec::with_capacity(compact.len() + placeholders * self.image_tokens.least());
         let mut image_spans = Vec::with_capacity(placeholders);
         for &id in compact {
             if id == self.image_token_id {
@@ -416,6 +411,16 @@ fn conversation_turns(
     Ok((system, turns))
 }
 
+/// A JSON file's value, or `Null` when the file does not exist.
+pub(super) fn read_json(path: &Path) -> Result<serde_json::Value, FrontendError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| {
+            FrontendError::Config(format!("{} is not valid JSON: {e}", path.display()))
+        }),
+        Err(_) => Ok(serde_json::Value::Null),
+    }
+}
+
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, FrontendError> {
     let path = dir.join("tokenizer.json");
     Tokenizer::from_file(&path)
@@ -430,13 +435,7 @@ struct SpecialTokens {
 impl SpecialTokens {
     /// From `tokenizer_config.json`, where a token is a string or `{"content": ...}`.
     fn from_checkpoint(dir: &Path) -> Result<Self, FrontendError> {
-        let path = dir.join("tokenizer_config.json");
-        let json: serde_json::Value = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| {
-                FrontendError::Config(format!("{} is not valid JSON: {e}", path.display()))
-            })?,
-            Err(_) => serde_json::Value::Null,
-        };
+        let json = read_json(&dir.join("tokenizer_config.json"))?;
         let token = |key: &str| -> String {
             match json.get(key) {
                 Some(serde_json::Value::String(s)) => s.clone(),

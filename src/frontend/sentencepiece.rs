@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
+use super::prompt::read_json;
 use super::FrontendError;
 
 /// One vocabulary entry of `ModelProto.pieces`.
@@ -478,14 +479,4 @@ pub fn load_original_tokenizer(
         }
     };
     Ok((tokenizer, prefix))
-}
-
-/// A JSON file's value, or `Null` when the file does not exist.
-fn read_json(path: &Path) -> Result<serde_json::Value, FrontendError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| {
-            FrontendError::Config(format!("{} is not valid JSON: {e}", path.display()))
-        }),
-        Err(_) => Ok(serde_json::Value::Null),
-    }
 }

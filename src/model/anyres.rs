@@ -137,33 +137,59 @@ pub struct UnpaddedGrid {
     pub cols: usize,
 }
 
-impl LlavaConfig {
-    /// Placeholder tokens an image of this size becomes: a constant for LLaVA-1.5, its anyres count
-    /// for LLaVA-NeXT.
-    pub fn image_token_count(&self, height: usize, width: usize) -> usize {
+/// `image_grid_pinpoints` when a config leaves them out (LlavaNextConfig's and
+/// LlavaNextImageProcessor's default), (height, width).
+pub const DEFAULT_PINPOINTS: [(usize, usize); 5] =
+    [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
+
+/// How many placeholder tokens an image becomes: the one rule for LLaVA-1.5's constant and
+/// LLaVA-NeXT's size-dependent count, used by prompts, request checks and the engine's budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageTokens {
+    /// Features of one tile (the whole image for LLaVA-1.5).
+    pub base: usize,
+    pub anyres: Option<AnyRes>,
+}
+
+impl ImageTokens {
+    /// Tokens an image of this size becomes.
+    pub fn count(&self, height: usize, width: usize) -> usize {
         match &self.anyres {
-            None => self.image_feature_count(),
-            Some(anyres) => anyres.token_count(height, width, self.image_feature_count()),
+            None => self.base,
+            Some(anyres) => anyres.token_count(height, width, self.base),
         }
     }
 
-    /// The most placeholder tokens any image can become (for budgets set before images are seen).
-    pub fn max_image_token_count(&self) -> usize {
-        match &self.anyres {
-            None => self.image_feature_count(),
-            Some(anyres) => {
-                let base = self.image_feature_count();
-                // The count grows with the grid; the largest grid's images fill it without padding.
-                anyres
-                    .pinpoints
-                    .iter()
-                    .map(|&(h, w)| {
-                        base + (h / anyres.tile * anyres.patches_per_side)
-                            * (w / anyres.tile * anyres.patches_per_side + 1)
-                    })
-                    .max()
-                    .unwrap_or(base)
-            }
+    /// The least any image becomes (what request checks count before images are seen).
+    pub fn least(&self) -> usize {
+        self.base
+    }
+
+    /// The most any image becomes: a pinpoint's whole grid, no row or column unpadded away.
+    pub fn most(&self) -> usize {
+        let Some(anyres) = &self.anyres else {
+            return self.base;
+        };
+        let side = anyres.patches_per_side;
+        anyres
+            .pinpoints
+            .iter()
+            .map(|&(h, w)| self.base + (h / anyres.tile * side) * (w / anyres.tile * side + 1))
+            .max()
+            .unwrap_or(self.base)
+    }
+
+    /// Whether counts depend on the image's size.
+    pub fn vary(&self) -> bool {
+        self.anyres.is_some()
+    }
+}
+
+impl LlavaConfig {
+    pub fn image_tokens(&self) -> ImageTokens {
+        ImageTokens {
+            base: self.image_feature_count(),
+            anyres: self.anyres.clone(),
         }
     }
 }
@@ -180,7 +206,7 @@ pub(super) fn anyres_config(
     }
     let tile = config.vision.image_size;
     let pinpoints = match pinpoints {
-        None => vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)],
+        None => DEFAULT_PINPOINTS.to_vec(),
         Some(list) => list
             .into_iter()
             .map(|p| match p[..] {

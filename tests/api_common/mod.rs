@@ -119,9 +119,15 @@ pub fn chat_with_image(url: &str, question: &str) -> serde_json::Value {
 
 /// The HF reference case of `tiny` named `name`.
 pub fn reference(name: &str) -> serde_json::Value {
-    let refs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("refs/tiny.json")).unwrap())
-            .unwrap();
+    reference_case("tiny", name)
+}
+
+/// The case `name` of `refs/{refs}.json`.
+pub fn reference_case(refs: &str, name: &str) -> serde_json::Value {
+    let refs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("refs/{refs}.json"))).unwrap(),
+    )
+    .unwrap();
     refs["cases"]
         .as_array()
         .unwrap()
@@ -173,6 +179,18 @@ pub fn metric_where(text: &str, name: &str, labels: &str) -> Option<f64> {
             label_set.contains(labels).then_some(value)
         })
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// GETs `path`; the JSON answer.
+pub async fn get_json(t: &TestServer, path: &str) -> serde_json::Value {
+    t.client
+        .get(format!("{}{path}", t.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// POSTs `body` as JSON; the status and the JSON answer.

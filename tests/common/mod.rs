@@ -144,3 +144,60 @@ pub fn strided(t: &Tensor) -> Tensor {
     flat.index_select(&Tensor::new(idx, &Device::Cpu).unwrap(), 0)
         .unwrap()
 }
+
+/// The prompt's last-position logits, prefilled alone (`[vocab]`, f32).
+pub fn last_logits(model: &LlavaModel, prompt: &llava_server::types::TokenizedPrompt) -> Tensor {
+    let mut seq = llava_server::engine::single_sequence::SequenceState::new(
+        model,
+        prompt.token_ids.len(),
+        16,
+    )
+    .unwrap();
+    Tensor::new(seq.prefill(prompt, None).unwrap(), &Device::Cpu).unwrap()
+}
+
+/// Greedy decoding through the engine: the events of `max_tokens` tokens (fewer when EOS counts).
+pub fn greedy_events(
+    engine: &llava_server::engine::EngineHandle,
+    prompt: llava_server::types::TokenizedPrompt,
+    max_tokens: usize,
+    ignore_eos: bool,
+) -> Vec<llava_server::types::TokenEvent> {
+    let params = llava_server::types::SamplingParams {
+        max_tokens,
+        ignore_eos,
+        ..llava_server::types::SamplingParams::default()
+    };
+    llava_server::engine::collect_blocking(engine.submit(prompt, params).unwrap()).unwrap()
+}
+
+/// The token ids of a choice's events, in order.
+pub fn event_ids(events: &[llava_server::types::TokenEvent]) -> Vec<u32> {
+    events.iter().flat_map(|e| e.token_ids.clone()).collect()
+}
+
+/// HF's chat messages (`{"role", "content": [{"type": "image"} | {"type": "text", "text"}]}`) as ours.
+pub fn hf_messages(messages: &serde_json::Value) -> Vec<llava_server::frontend::ChatMessage> {
+    use llava_server::frontend::{ChatMessage, MessagePart, Role};
+    messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| ChatMessage {
+            role: match m["role"].as_str().unwrap() {
+                "system" => Role::System,
+                "assistant" => Role::Assistant,
+                _ => Role::User,
+            },
+            parts: m["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| match p["type"].as_str().unwrap() {
+                    "image" => MessagePart::Image,
+                    _ => MessagePart::Text(p["text"].as_str().unwrap().to_owned()),
+                })
+                .collect(),
+        })
+        .collect()
+}
