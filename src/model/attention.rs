@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::cpu_attention::{paged_prefill, AttentionShape};
 use super::decode_attention::{decode_attention_in_place, DecodeQuery, Heads};
 
 /// One sequence's part of a step.
@@ -282,6 +283,25 @@ pub fn paged_attention(
         }
         let q_len = seq.query_len;
         let ctx = seq.context_len;
+        let prefill_shape = AttentionShape {
+            heads,
+            kv_heads: num_kv_heads,
+            head_dim,
+            causal_offset: Some(ctx - q_len),
+            scale: scale as f32,
+        };
+        if let Some(out) = paged_prefill(
+            queries,
+            key_cache,
+            value_cache,
+            seq.query_start,
+            q_len,
+            &seq.slots,
+            prefill_shape,
+        )? {
+            outputs.push(out);
+            continue;
+        }
         // [q_len, heads, d] -> [kv_heads, groups * q_len, d]: heads sharing a kv head are adjacent.
         let q = queries
             .narrow(0, seq.query_start, q_len)?

@@ -7,6 +7,7 @@ use candle_nn::{LayerNorm, VarBuilder};
 
 use super::attention::full_attention;
 use super::config::{Activation, VisionConfig};
+use super::cpu_attention::merged_qkv_attention;
 use super::layers::{activate, layer_norm, Linear};
 
 struct EncoderLayer {
@@ -52,16 +53,22 @@ impl EncoderLayer {
         let head_dim = d / self.heads;
         let h = self.layer_norm1.forward(x)?;
         let qkv = self.qkv_proj.forward(&h)?;
-        let split = |part: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(2, part * d, d)?
-                .reshape((b, t, self.heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+        let scale = (head_dim as f64).powf(-0.5);
+        let attn = match merged_qkv_attention(&qkv, self.heads, scale as f32)? {
+            Some(attn) => attn,
+            None => {
+                let split = |part: usize| -> candle_core::Result<Tensor> {
+                    qkv.narrow(2, part * d, d)?
+                        .reshape((b, t, self.heads, head_dim))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+                full_attention(&q, &k, &v, scale)?
+                    .transpose(1, 2)?
+                    .reshape((b, t, d))?
+            }
         };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let attn = full_attention(&q, &k, &v, (head_dim as f64).powf(-0.5))?
-            .transpose(1, 2)?
-            .reshape((b, t, d))?;
         let x = (x + self.out_proj.forward(&attn)?)?;
         let h = self.layer_norm2.forward(&x)?;
         let h = self

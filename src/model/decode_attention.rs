@@ -14,6 +14,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::cpu_math::softmax_in_place;
 use super::small_gemm::{cpu_decode_kernels_enabled, dot, f32_slice, has_avx2_fma};
 
 /// One decoding sequence: its query row's index in the flattened batch and its context's cache slots.
@@ -152,21 +153,6 @@ fn attend(task: &Task<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
 fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * xi;
-    }
-}
-
-/// Max-subtracted softmax in f32; all-`-inf` rows cannot occur (a query sees at least itself).
-#[inline(always)]
-fn softmax_in_place(scores: &mut [f32]) {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
-    }
-    let inv = 1.0 / total;
-    for s in scores.iter_mut() {
-        *s *= inv;
     }
 }
 

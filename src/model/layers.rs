@@ -5,7 +5,8 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
-use super::small_gemm;
+use super::cpu_math;
+use super::small_gemm::{self, cpu_decode_kernels_enabled, f32_slice};
 
 /// `y = x Wᵀ (+ b)` for `x` of any rank; weights as stored by PyTorch (`[out, in]`).
 #[derive(Debug, Clone)]
@@ -100,6 +101,11 @@ impl Linear {
 }
 
 pub fn activate(act: Activation, x: &Tensor) -> candle_core::Result<Tensor> {
+    if act == Activation::QuickGelu {
+        if let Some(out) = on_cpu_f32(x, cpu_math::quick_gelu)? {
+            return Ok(out);
+        }
+    }
     match act {
         Activation::Silu => candle_nn::ops::silu(x),
         Activation::Gelu => x.gelu_erf(),
@@ -108,6 +114,45 @@ pub fn activate(act: Activation, x: &Tensor) -> candle_core::Result<Tensor> {
         Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
         Activation::Relu => x.relu(),
     }
+}
+
+/// `act(gate) × up` from a merged gate/up projection `[rows, 2 × inter]` (gate first): one fused pass
+/// for SiLU on f32 CPU tensors, `activate` on the gate half times the up half otherwise.
+pub fn gated_activation(
+    act: Activation,
+    gate_up: &Tensor,
+    inter: usize,
+) -> candle_core::Result<Tensor> {
+    if act == Activation::Silu {
+        let rows = gate_up.dim(0)?;
+        if let Some(out) = on_cpu_f32(gate_up, |x| cpu_math::silu_mul(x, inter))? {
+            return out.reshape((rows, inter));
+        }
+    }
+    activate(act, &gate_up.narrow(1, 0, inter)?)? * gate_up.narrow(1, inter, inter)?
+}
+
+/// `f` over a contiguous f32 CPU tensor's elements when the CPU kernels are on; its output keeps the
+/// input's shape when it has as many elements (reshape it otherwise). `None` for any other tensor.
+fn on_cpu_f32(
+    x: &Tensor,
+    f: impl FnOnce(&[f32]) -> Vec<f32>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !cpu_decode_kernels_enabled() {
+        return Ok(None);
+    }
+    let out = {
+        let (guard, layout) = x.storage_and_layout();
+        match f32_slice(&guard, layout) {
+            Some(data) => f(data),
+            None => return Ok(None),
+        }
+    };
+    let shape = match out.len() == x.elem_count() {
+        true => x.shape().clone(),
+        false => out.len().into(),
+    };
+    Tensor::from_vec(out, shape, x.device()).map(Some)
 }
 
 /// LLaMA's RMSNorm: normalise in f32, cast back, then scale (HF's order of operations).

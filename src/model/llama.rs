@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::attention::{paged_attention, write_kv, AttentionMetadata, KernelMetadata};
 use super::config::{Activation, TextConfig};
 use super::kv_cache::KvCache;
-use super::layers::{activate, Linear, RmsNorm};
+use super::layers::{gated_activation, Linear, RmsNorm};
 
 /// cos/sin tables for every position up to the context limit, computed in f32 as HF does.
 struct RotaryTables {
@@ -196,10 +196,10 @@ impl LlamaDecoder {
             let h = layer.post_attention_layernorm.forward(&x)?;
             let gate_up = layer.gate_up_proj.forward(&h)?;
             let inter = cfg.intermediate_size;
-            let gate = activate(cfg.hidden_act, &gate_up.narrow(1, 0, inter)?)?;
-            let mlp = layer
-                .down_proj
-                .forward(&(gate * gate_up.narrow(1, inter, inter)?)?)?;
+            let mlp =
+                layer
+                    .down_proj
+                    .forward(&gated_activation(cfg.hidden_act, &gate_up, inter)?)?;
             x = (x + mlp)?;
         }
         Ok(x)
@@ -285,11 +285,7 @@ impl LlamaDecoder {
             let gate_up = layer.gate_up_proj.forward(&h)?;
             let act = match cfg.hidden_act {
                 Activation::Silu => llava_kernels::silu_mul(&gate_up)?,
-                other => {
-                    let inter = cfg.intermediate_size;
-                    (activate(other, &gate_up.narrow(1, 0, inter)?)?
-                        * gate_up.narrow(1, inter, inter)?)?
-                }
+                other => gated_activation(other, &gate_up, cfg.intermediate_size)?,
             };
             x = layer.down_proj.forward(&act)?;
             residual = Some(res);

@@ -7,6 +7,8 @@ pub mod attention;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod cpu_attention;
+pub mod cpu_math;
 #[cfg(feature = "cuda")]
 pub mod cuda_graph;
 pub mod decode_attention;
