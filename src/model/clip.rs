@@ -47,6 +47,18 @@ impl EncoderLayer {
         })
     }
 
+    fn store_weights_transposed(&mut self) -> candle_core::Result<()> {
+        for linear in [
+            &mut self.qkv_proj,
+            &mut self.out_proj,
+            &mut self.fc1,
+            &mut self.fc2,
+        ] {
+            linear.store_transposed()?;
+        }
+        Ok(())
+    }
+
     /// `x`: `[batch, tokens, hidden]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
@@ -124,6 +136,13 @@ impl ClipVisionTower {
             feature_states,
             cfg: cfg.clone(),
         })
+    }
+
+    /// See `Linear::store_transposed`.
+    pub fn store_weights_transposed(&mut self) -> candle_core::Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(EncoderLayer::store_weights_transposed)
     }
 
     /// Patch embedding as one matmul: a stride-`p` convolution without bias is exactly this.

@@ -8,11 +8,14 @@ use super::config::Activation;
 use super::cpu_math;
 use super::small_gemm::{self, cpu_decode_kernels_enabled, f32_slice};
 
-/// `y = x Wᵀ (+ b)` for `x` of any rank; weights as stored by PyTorch (`[out, in]`).
+/// `y = x Wᵀ (+ b)` for `x` of any rank; weights as stored by PyTorch (`[out, in]`), or transposed
+/// once at load for layers that only ever see many rows (`store_transposed`).
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// `[out, in]`, or `[in, out]` when `transposed`.
     weight: Tensor,
     bias: Option<Tensor>,
+    transposed: bool,
 }
 
 impl Linear {
@@ -28,7 +31,11 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            transposed: false,
+        })
     }
 
     /// Several projections of the same input as one: weights (and biases) stacked along the output
@@ -52,30 +59,121 @@ impl Linear {
         Ok(Self {
             weight: Tensor::cat(&weights, 0)?,
             bias,
+            transposed: false,
         })
     }
 
     pub fn from_weight(weight: Tensor) -> Self {
-        Self { weight, bias: None }
+        Self {
+            weight,
+            bias: None,
+            transposed: false,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let out = match x.rank() {
-            2 => self.matmul_2d(x)?,
-            _ => {
-                let dims = x.dims();
-                let rows: usize = dims[..dims.len() - 1].iter().product();
-                let flat = x.reshape((rows, dims[dims.len() - 1]))?;
-                let mut out_dims = dims.to_vec();
-                *out_dims.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
-                self.matmul_2d(&flat)?.reshape(out_dims)?
+        if x.rank() == 2 {
+            return self.forward_2d(x);
+        }
+        let dims = x.dims();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let flat = x.reshape((rows, dims[dims.len() - 1]))?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank ≥ 1") = self.out_dim()?;
+        self.forward_2d(&flat)?.reshape(out_dims)
+    }
+
+    fn out_dim(&self) -> candle_core::Result<usize> {
+        self.weight.dim(if self.transposed { 1 } else { 0 })
+    }
+
+    /// Stores the weight as `Wᵀ` (`[in, out]`, contiguous) for layers that only see prefill-sized
+    /// inputs (the vision tower, the projector). On the CPU, `gemm` multiplies by a contiguous `[in,
+    /// out]` matrix 5–20% faster than by the transposed view of `[out, in]` (mid checkpoint shapes at
+    /// 577 rows, e.g. CLIP's fc2 11.9 → 9.4 ms), and the bias becomes the product's starting value
+    /// instead of another pass. `small_gemm` needs the `[out, in]` rows, so the decoder keeps them.
+    pub fn store_transposed(&mut self) -> candle_core::Result<()> {
+        if !self.transposed {
+            self.weight = self.weight.t()?.contiguous()?;
+            self.transposed = true;
+        }
+        Ok(())
+    }
+
+    fn forward_2d(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let out = if self.transposed {
+            if let Some(out) = gemm_with_bias(x, &self.weight, self.bias.as_ref())? {
+                return Ok(out);
             }
+            x.matmul(&self.weight)?
+        } else {
+            self.matmul_2d(x)?
         };
         match &self.bias {
             Some(b) => out.broadcast_add(b),
             None => Ok(out),
         }
     }
+}
+
+/// `x · wt + bias` for f32 CPU tensors (`wt` is `[in, out]`) through `gemm` directly, the output
+/// starting as the bias rows; `None` for other tensors or with the CPU kernels off.
+fn gemm_with_bias(
+    x: &Tensor,
+    wt: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !cpu_decode_kernels_enabled() {
+        return Ok(None);
+    }
+    let ((m, k), (k2, n)) = (x.dims2()?, wt.dims2()?);
+    if k != k2 {
+        candle_core::bail!("linear layer of {k2} inputs given rows of {k}");
+    }
+    let out = {
+        let (x_guard, x_layout) = x.storage_and_layout();
+        let (w_guard, w_layout) = wt.storage_and_layout();
+        let (Some(xs), Some(ws)) = (f32_slice(&x_guard, x_layout), f32_slice(&w_guard, w_layout))
+        else {
+            return Ok(None);
+        };
+        let mut out = match bias {
+            Some(b) => {
+                let b = b.to_vec1::<f32>()?;
+                if b.len() != n {
+                    candle_core::bail!("bias of {} for {n} outputs", b.len());
+                }
+                b.repeat(m)
+            }
+            None => vec![0f32; m * n],
+        };
+        // SAFETY: `xs` is m × k, `ws` k × n and `out` m × n, all row-major and contiguous.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                bias.is_some(),
+                xs.as_ptr(),
+                1,
+                k as isize,
+                ws.as_ptr(),
+                1,
+                n as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(candle_core::utils::get_num_threads()),
+            )
+        };
+        out
+    };
+    Tensor::from_vec(out, (m, n), x.device()).map(Some)
 }
 
 impl Linear {

@@ -164,10 +164,15 @@ impl LlavaModel {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let weights = |e: candle_core::Error| ModelError::Weights(e.to_string());
-        let vision =
+        let mut vision =
             ClipVisionTower::load(parts.vision, &config.vision, &config.vision_feature_layers)
                 .map_err(weights)?;
-        let projector = Projector::load(parts.projector, &config).map_err(weights)?;
+        let mut projector = Projector::load(parts.projector, &config).map_err(weights)?;
+        if device.is_cpu() {
+            // Image encoding only ever multiplies many rows: the layout the CPU GEMM prefers.
+            vision.store_weights_transposed().map_err(weights)?;
+            projector.store_weights_transposed().map_err(weights)?;
+        }
         let decoder =
             LlamaDecoder::load(parts.decoder, parts.lm_head, &config.text).map_err(weights)?;
         let image_newline = match &config.anyres {

@@ -36,6 +36,13 @@ impl Projector {
         })
     }
 
+    /// See `Linear::store_transposed`.
+    pub fn store_weights_transposed(&mut self) -> candle_core::Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(Linear::store_transposed)
+    }
+
     pub fn forward(&self, features: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.layers[0].forward(features)?;
         for layer in &self.layers[1..] {
