@@ -86,9 +86,11 @@ fn in_place(
     // row, sixteen times over: at 16 sequences the rows fell out of L2 between heads.) Small batches
     // split the heads so both threads have work.
     let threads = rayon::current_num_threads();
-    let split = [8, 4, 2, 1]
-        .into_iter()
-        .find(|&s| kv_heads % s == 0 && decodes.len() * s >= 2 * threads || s == 1)
+    let splits = [1, 2, 4, 8].into_iter().filter(|s| kv_heads % s == 0);
+    let split = splits
+        .clone()
+        .find(|s| decodes.len() * s >= 2 * threads)
+        .or(splits.clone().next_back())
         .unwrap_or(1);
     let block = kv_heads / split;
     let avx2 = has_avx2_fma() && d % 8 == 0;
