@@ -11,8 +11,8 @@
 //! The dot products use eight partial sums (fused multiply-add where the CPU has AVX2 + FMA), so their
 //! order of additions differs from the GEMM's: results agree to f32 rounding, which the HF parity
 //! tests' tolerances cover. Tiles of 2 weight rows × 4 activation rows keep eight accumulators in
-//! registers on AVX2, tiles of 4 × 4 sixteen on AVX-512 (two or more rows: one row is memory-bound and
-//! stays on AVX2); other CPUs get a portable loop.
+//! registers on AVX2; on AVX-512, one row takes 8 weight rows per pass and more rows tiles of 4 × 4
+//! (sixteen accumulators) over L1-sized blocks of k; other CPUs get a portable loop.
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use rayon::prelude::*;
@@ -161,7 +161,7 @@ pub fn matmul_transposed<W: Weight>(x: &[f32], w: &[W], m: usize, n: usize, k: u
             let first = task * ROWS_PER_TASK;
             let rows = chunk.len() / m;
             let w_rows = &w[first * k..(first + rows) * k];
-            if avx512 && m > 1 {
+            if avx512 {
                 // SAFETY: the CPU supports AVX-512F (checked at run time just above).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
@@ -274,7 +274,7 @@ unsafe fn rows_fma<W: Weight>(x: &[f32], w_rows: &[W], out_t: &mut [f32], m: usi
     }
 }
 
-/// Whether the CPU runs the AVX-512 tiles (several activation rows).
+/// Whether the CPU runs `rows_avx512`.
 fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -286,9 +286,10 @@ fn has_avx512() -> bool {
     }
 }
 
-/// `rows_fma` for two or more activation rows on AVX-512: tiles of 4 weight rows × 4 activation
-/// rows, sixteen 16-lane accumulators, 8 loads per 16 FMAs (the AVX2 tiles issue 6 loads per 8 and
-/// were compute-bound at 16 rows: 87 GFLOP/s on the mid checkpoint's qkv shape).
+/// `rows_fma` on AVX-512. Several activation rows: tiles of 4 weight rows × 4 activation rows,
+/// sixteen 16-lane accumulators, 8 loads per 16 FMAs (the AVX2 tiles issue 6 loads per 8 and were
+/// compute-bound at 16 rows: 87 GFLOP/s on the mid checkpoint's qkv shape). One row: eight weight
+/// rows per pass (batch-1 f16 decode 30 → 26-30 ms per step beside the AVX2 loop, noisy).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn rows_avx512<W: Weight>(x: &[f32], w_rows: &[W], out_t: &mut [f32], m: usize, k: usize) {
@@ -302,6 +303,28 @@ unsafe fn rows_avx512<W: Weight>(x: &[f32], w_rows: &[W], out_t: &mut [f32], m: 
             .sum();
         _mm512_reduce_add_ps(acc) + tail
     };
+    if m == 1 {
+        // One activation row: 8 weight rows per pass, eight independent accumulator chains.
+        let mut j = 0;
+        while j < rows {
+            let n8 = (rows - j).min(8);
+            let wr = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| wp.add((j + r.min(n8 - 1)) * k));
+            let mut a = [_mm512_setzero_ps(); 8];
+            let mut c = 0;
+            while c < body {
+                let xv = _mm512_loadu_ps(xp.add(c));
+                for r in 0..8 {
+                    a[r] = _mm512_fmadd_ps(xv, W::load16(wr[r].add(c)), a[r]);
+                }
+                c += 16;
+            }
+            for r in 0..n8 {
+                out_t[j + r] = finish(a[r], 0, j + r);
+            }
+            j += n8;
+        }
+        return;
+    }
     // Quads of activation rows: at most 8 (`max_rows()` is 32).
     let quads = m.div_ceil(4);
     assert!(quads <= 8, "rows_avx512 takes at most 32 rows");
