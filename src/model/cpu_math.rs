@@ -4,7 +4,7 @@
 //! operation: SiLU·up was a strided copy of each half of the merged gate/up output, a sigmoid and two
 //! products; CLIP's quick GELU three passes. On issue 14's mid checkpoint `expf` alone was 6–7% of a
 //! cold request. Here `exp` runs eight lanes at a time (AVX2 + FMA; the scalar `f32::exp` elsewhere)
-//! and each activation is one pass over its input.
+//! and each activation is one pass over its input, as is RMSNorm (seven candle ops before).
 //!
 //! `exp8` is the Cephes single-precision exponential: `x = n ln 2 + r` with `ln 2` split in two for
 //! an exact reduction, a degree-6 polynomial for `eʳ` on `|r| ≤ ln 2 / 2`, and `2ⁿ` built in the
@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use super::small_gemm::has_avx2_fma;
+use super::small_gemm::{dot, has_avx2_fma};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -179,6 +179,24 @@ pub fn quick_gelu(x: &[f32]) -> Vec<f32> {
     out
 }
 
+/// LLaMA's RMSNorm of f32 rows in one pass each: `x · (mean(x²) + eps)^-½ · weight` (HF's order: the
+/// reciprocal root times x, then the weight).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let d = weight.len();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(ROWS_PER_TASK * d)
+        .zip(x.par_chunks(ROWS_PER_TASK * d))
+        .for_each(|(out, x)| {
+            for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                let inv = 1.0 / (dot::<f32>(row, row) / d as f32 + eps).sqrt();
+                for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+                    *o = v * inv * w;
+                }
+            }
+        });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +244,21 @@ mod tests {
         for (i, p) in row.iter().enumerate() {
             let want = if [1, 2, 4, 6].contains(&i) { 0.0 } else { 0.2 };
             assert!((p - want).abs() < 1e-7, "{i}: {p}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_its_definition() {
+        let d = 37;
+        let x: Vec<f32> = (0..3 * d).map(|i| (i as f32 * 0.71).sin() * 3.0).collect();
+        let w: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 * 0.01).collect();
+        let got = rms_norm(&x, &w, 1e-5);
+        for (r, row) in x.chunks(d).enumerate() {
+            let ms = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64;
+            for c in 0..d {
+                let want = row[c] as f64 / (ms + 1e-5).sqrt() * w[c] as f64;
+                assert!((got[r * d + c] as f64 - want).abs() < 1e-6, "[{r}][{c}]");
+            }
         }
     }
 

@@ -273,6 +273,14 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.rank() == 2 && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            let weight = self.weight.to_vec1::<f32>()?;
+            let eps = self.eps as f32;
+            let norm = |xs: &[f32]| cpu_math::rms_norm(xs, &weight, eps);
+            if let Some(out) = on_cpu_f32(x, norm)? {
+                return Ok(out);
+            }
+        }
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let variance = x32.sqr()?.mean_keepdim(candle_core::D::Minus1)?;

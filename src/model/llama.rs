@@ -36,11 +36,17 @@ impl RotaryTables {
         })
     }
 
-    /// Rotates `[num_tokens, heads, head_dim]` (HF's rotate-half layout) at the given positions.
-    fn apply(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
-        let cos = self.cos.index_select(positions, 0)?;
-        let sin = self.sin.index_select(positions, 0)?;
-        candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &cos, &sin)?.squeeze(0)
+    /// The cos and sin rows of the given positions, selected once per step for every layer.
+    fn at(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        ))
+    }
+
+    /// Rotates `[num_tokens, heads, head_dim]` (HF's rotate-half layout) by rows from `at`.
+    fn apply(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
+        candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)
     }
 }
 
@@ -159,6 +165,7 @@ impl LlamaDecoder {
         let n = meta.num_tokens;
         let scale = (cfg.head_dim as f64).powf(-0.5);
         let mut x = embeds.clone();
+        let rotation = self.rotary.at(&meta.positions)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
             let qkv = layer.qkv_proj.forward(&h)?;
@@ -174,8 +181,8 @@ impl LlamaDecoder {
             let q = part(0, qd, cfg.num_attention_heads)?;
             let k = part(qd, kvd, cfg.num_key_value_heads)?;
             let v = part(qd + kvd, kvd, cfg.num_key_value_heads)?;
-            let q = self.rotary.apply(&q, &meta.positions)?;
-            let k = self.rotary.apply(&k, &meta.positions)?;
+            let q = RotaryTables::apply(&q, &rotation)?;
+            let k = RotaryTables::apply(&k, &rotation)?;
             let (key_cache, value_cache) = kv_cache.layer(i);
             write_kv(
                 key_cache,
