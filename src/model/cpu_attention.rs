@@ -39,10 +39,18 @@ pub struct HeadRows<'a> {
 impl HeadRows<'_> {
     /// Whether every element of `heads` heads of `head_dim` lies inside `data`.
     fn fits(&self, heads: usize, head_dim: usize) -> bool {
-        self.rows == 0
-            || (self.first + (self.rows - 1) * self.row_stride + heads * head_dim
-                <= self.data.len()
-                && heads * head_dim <= self.row_stride)
+        let width = heads.checked_mul(head_dim);
+        let end = (self.rows.saturating_sub(1))
+            .checked_mul(self.row_stride)
+            .and_then(|last| last.checked_add(self.first))
+            .zip(width)
+            .and_then(|(start, width)| start.checked_add(width));
+        match (end, width) {
+            (Some(end), Some(width)) => {
+                self.rows == 0 || (end <= self.data.len() && width <= self.row_stride)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -86,6 +94,9 @@ pub fn attention(
     }
     if !q.fits(heads, d) || !k.fits(kv_heads, d) || !v.fits(kv_heads, d) || k.rows != v.rows {
         candle_core::bail!("attention views do not fit their buffers");
+    }
+    if k.rows == 0 && q.rows > 0 {
+        candle_core::bail!("{} queries over no keys", q.rows);
     }
     if let Some(offset) = causal_offset {
         if offset + q.rows > k.rows {

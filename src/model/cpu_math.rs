@@ -25,9 +25,11 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp8(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(x, _mm256_set1_ps(88.376_26));
+        // The bound first: min/max return their second operand when either is NaN, so NaN passes
+        // through (a NaN or +inf score makes a NaN softmax row, as torch's does).
+        let x = _mm256_min_ps(_mm256_set1_ps(88.376_26), x);
         // Below ln(2⁻¹²⁶) the exponent bits would underflow: such inputs give ≈ 1.2e-38.
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.336_5));
+        let x = _mm256_max_ps(_mm256_set1_ps(-87.336_5), x);
         // n = round(x / ln 2), then r = x − n ln 2 in two steps (ln 2 = C1 + C2, C1 exact in 9 bits).
         let n = _mm256_floor_ps(_mm256_fmadd_ps(
             x,
@@ -245,6 +247,18 @@ mod tests {
             let want = if [1, 2, 4, 6].contains(&i) { 0.0 } else { 0.2 };
             assert!((p - want).abs() < 1e-7, "{i}: {p}");
         }
+    }
+
+    #[test]
+    fn nan_and_infinite_scores_give_nan_rows() {
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut row: Vec<f32> = (0..19).map(|i| i as f32 * 0.1).collect();
+            row[5] = bad;
+            softmax_in_place(&mut row);
+            assert!(row.iter().all(|p| p.is_nan()), "{bad}: {row:?}");
+        }
+        let gelu = quick_gelu(&[f32::NAN; 9]);
+        assert!(gelu.iter().all(|v| v.is_nan()));
     }
 
     #[test]

@@ -76,6 +76,9 @@ fn in_place(
     let groups = heads / kv_heads;
     let slots_in_pool = keys.len() / row;
     for decode in decodes {
+        if decode.slots.is_empty() {
+            candle_core::bail!("a decode query with no context");
+        }
         if let Some(&bad) = decode.slots.iter().find(|&&s| s as usize >= slots_in_pool) {
             candle_core::bail!("cache slot {bad} is outside the pool of {slots_in_pool} slots");
         }

@@ -273,7 +273,13 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.rank() == 2 && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+        if x.rank() == 2
+            && x.device().is_cpu()
+            && cpu_decode_kernels_enabled()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && x.dim(1)? == self.weight.dim(0)?
+        {
             let weight = self.weight.to_vec1::<f32>()?;
             let eps = self.eps as f32;
             let norm = |xs: &[f32]| cpu_math::rms_norm(xs, &weight, eps);

@@ -161,7 +161,7 @@ pub fn matmul_transposed<W: Weight>(x: &[f32], w: &[W], m: usize, n: usize, k: u
             let first = task * ROWS_PER_TASK;
             let rows = chunk.len() / m;
             let w_rows = &w[first * k..(first + rows) * k];
-            if avx512 {
+            if avx512 && m <= 32 {
                 // SAFETY: the CPU supports AVX-512F (checked at run time just above).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
