@@ -19,7 +19,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::cpu_math::softmax_in_place;
-use super::small_gemm::{cpu_decode_kernels_enabled, f32_slice};
+use super::small_gemm::{cpu_decode_kernels_enabled, f32_slice, with_f32_slices};
 
 /// Queries per task: enough rows for the GEMM kernels to run at full speed, few enough that a
 /// chunk's scores (`QUERY_CHUNK × keys` f32) stay in L2.
@@ -202,17 +202,7 @@ pub fn paged_prefill(
     if !cpu_decode_kernels_enabled() {
         return Ok(None);
     }
-    let out = {
-        let (q_guard, q_layout) = queries.storage_and_layout();
-        let (k_guard, k_layout) = key_cache.storage_and_layout();
-        let (v_guard, v_layout) = value_cache.storage_and_layout();
-        let (Some(q), Some(keys), Some(values)) = (
-            f32_slice(&q_guard, q_layout),
-            f32_slice(&k_guard, k_layout),
-            f32_slice(&v_guard, v_layout),
-        ) else {
-            return Ok(None);
-        };
+    let out = with_f32_slices([queries, key_cache, value_cache], |q, keys, values| {
         let row = shape.kv_heads * shape.head_dim;
         let width = shape.heads * shape.head_dim;
         let gather = |pool: &[f32]| -> candle_core::Result<Vec<f32>> {
@@ -237,7 +227,10 @@ pub fn paged_prefill(
             view(&k, 0, row, slots.len()),
             view(&v, 0, row, slots.len()),
             shape,
-        )?
+        )
+    })?;
+    let Some(out) = out else {
+        return Ok(None);
     };
     Tensor::from_vec(
         out,

@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::cpu_math::softmax_in_place;
-use super::small_gemm::{cpu_decode_kernels_enabled, dot, f32_slice, has_avx2_fma};
+use super::small_gemm::{cpu_decode_kernels_enabled, dot, has_avx2_fma, with_f32_slices};
 
 /// One decoding sequence: its query row's index in the flattened batch and its context's cache slots.
 pub struct DecodeQuery<'a> {
@@ -57,75 +57,67 @@ fn in_place(
     shape: Heads,
     scale: f32,
 ) -> candle_core::Result<Option<Vec<f32>>> {
-    let (q_guard, q_layout) = queries.storage_and_layout();
-    let (k_guard, k_layout) = key_cache.storage_and_layout();
-    let (v_guard, v_layout) = value_cache.storage_and_layout();
-    let (Some(q), Some(keys), Some(values)) = (
-        f32_slice(&q_guard, q_layout),
-        f32_slice(&k_guard, k_layout),
-        f32_slice(&v_guard, v_layout),
-    ) else {
-        return Ok(None);
-    };
-    let Heads {
-        heads,
-        kv_heads,
-        head_dim: d,
-    } = shape;
-    let row = kv_heads * d;
-    let groups = heads / kv_heads;
-    let slots_in_pool = keys.len() / row;
-    for decode in decodes {
-        if decode.slots.is_empty() {
-            candle_core::bail!("a decode query with no context");
-        }
-        if let Some(&bad) = decode.slots.iter().find(|&&s| s as usize >= slots_in_pool) {
-            candle_core::bail!("cache slot {bad} is outside the pool of {slots_in_pool} slots");
-        }
-    }
-    let mut out = vec![0f32; decodes.len() * heads * d];
-    // One task per (sequence, block of kv heads): it reads each cached row's block once, in slot
-    // order, for all the block's query heads. (One kv head per task read 256 of every 4096 bytes of a
-    // row, sixteen times over: at 16 sequences the rows fell out of L2 between heads.) Small batches
-    // split the heads so both threads have work.
-    let threads = rayon::current_num_threads();
-    let splits = [1, 2, 4, 8].into_iter().filter(|s| kv_heads % s == 0);
-    let split = splits
-        .clone()
-        .find(|s| decodes.len() * s >= 2 * threads)
-        .or(splits.clone().next_back())
-        .unwrap_or(1);
-    let block = kv_heads / split;
-    let avx2 = has_avx2_fma() && d % 8 == 0;
-    out.par_chunks_mut(block * groups * d)
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (task, out)| {
-            let (decode, first_kv) = (&decodes[task / split], (task % split) * block);
-            let q_row = &q[decode.token * heads * d..][..heads * d];
-            let task = Task {
-                q_block: &q_row[first_kv * groups * d..][..block * groups * d],
-                keys,
-                values,
-                slots: decode.slots,
-                row,
-                column: first_kv * d,
-                kv_block: block,
-                groups,
-                d,
-                scale,
-            };
-            if avx2 {
-                // SAFETY: the CPU has AVX2 and FMA (checked at run time above) and `d` is a
-                // multiple of 8.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    attend_avx2(&task, scores, out)
-                };
-            } else {
-                attend(&task, scores, out, dot::<f32>, axpy);
+    with_f32_slices([queries, key_cache, value_cache], |q, keys, values| {
+        let Heads {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = shape;
+        let row = kv_heads * d;
+        let groups = heads / kv_heads;
+        let slots_in_pool = keys.len() / row;
+        for decode in decodes {
+            if decode.slots.is_empty() {
+                candle_core::bail!("a decode query with no context");
             }
-        });
-    Ok(Some(out))
+            if let Some(&bad) = decode.slots.iter().find(|&&s| s as usize >= slots_in_pool) {
+                candle_core::bail!("cache slot {bad} is outside the pool of {slots_in_pool} slots");
+            }
+        }
+        let mut out = vec![0f32; decodes.len() * heads * d];
+        // One task per (sequence, block of kv heads): it reads each cached row's block once, in slot
+        // order, for all the block's query heads. (One kv head per task read 256 of every 4096 bytes of a
+        // row, sixteen times over: at 16 sequences the rows fell out of L2 between heads.) Small batches
+        // split the heads so both threads have work.
+        let threads = rayon::current_num_threads();
+        let splits = [1, 2, 4, 8].into_iter().filter(|s| kv_heads % s == 0);
+        let split = splits
+            .clone()
+            .find(|s| decodes.len() * s >= 2 * threads)
+            .or(splits.clone().next_back())
+            .unwrap_or(1);
+        let block = kv_heads / split;
+        let avx2 = has_avx2_fma() && d % 8 == 0;
+        out.par_chunks_mut(block * groups * d)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (task, out)| {
+                let (decode, first_kv) = (&decodes[task / split], (task % split) * block);
+                let q_row = &q[decode.token * heads * d..][..heads * d];
+                let task = Task {
+                    q_block: &q_row[first_kv * groups * d..][..block * groups * d],
+                    keys,
+                    values,
+                    slots: decode.slots,
+                    row,
+                    column: first_kv * d,
+                    kv_block: block,
+                    groups,
+                    d,
+                    scale,
+                };
+                if avx2 {
+                    // SAFETY: the CPU has AVX2 and FMA (checked at run time above) and `d` is a
+                    // multiple of 8.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        attend_avx2(&task, scores, out)
+                    };
+                } else {
+                    attend(&task, scores, out, dot::<f32>, axpy);
+                }
+            });
+        Ok(out)
+    })
 }
 
 /// One (sequence, block of kv heads): its query heads, where its context lies in the pool.

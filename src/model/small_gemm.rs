@@ -90,6 +90,23 @@ pub(crate) fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a
     }
 }
 
+/// Calls `f` with the contiguous f32 elements of three CPU tensors (queries, keys, values), holding
+/// their storage while it runs; `Ok(None)` when any of them is not one (callers fall back to candle).
+pub(crate) fn with_f32_slices<R>(
+    tensors: [&Tensor; 3],
+    f: impl FnOnce(&[f32], &[f32], &[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<Option<R>> {
+    let [a, b, c] = tensors.map(|t| t.storage_and_layout());
+    match (
+        f32_slice(&a.0, a.1),
+        f32_slice(&b.0, b.1),
+        f32_slice(&c.0, c.1),
+    ) {
+        (Some(q), Some(k), Some(v)) => f(q, k, v).map(Some),
+        _ => Ok(None),
+    }
+}
+
 /// A weight element: f32, or f16 widened to f32 on load (products and sums are always f32).
 pub trait Weight: Copy + Send + Sync {
     fn to_f32(self) -> f32;
