@@ -20,13 +20,10 @@ pub struct SequenceAttention {
     pub query_len: usize,
     /// Tokens whose K/V exist once this step has written its own: cached prefix + new tokens.
     pub context_len: usize,
-    /// Cache slot of each of the `context_len` positions, in order (as a tensor for the gather).
-    context_slots: Tensor,
-    /// The same slots on the host, for the in-place decode path.
+    /// Cache slot of each of the `context_len` positions, in order. The CPU kernels read the cache
+    /// through them; the reference path makes its gather index and causal mask from them and the
+    /// lengths, only when it runs.
     slots: Vec<u32>,
-    /// `[query_len, context_len]` additive causal mask (0 or -inf), f32; `None` when every query sees
-    /// every key (a single decode token).
-    causal_mask: Option<Tensor>,
 }
 
 /// Per-step attention inputs for all sequences of a flattened batch.
@@ -109,25 +106,18 @@ impl AttentionMetadata {
         }
         let num_tokens = positions.len();
         if !kernels {
-            let mut sequences = Vec::with_capacity(steps.len());
-            for (step, &(query_start, context_len)) in steps.iter().zip(&spans) {
-                let context_slots: Vec<u32> = (0..context_len)
-                    .map(|p| slot_of(step.block_table, block_size, p))
-                    .collect();
-                let causal_mask = if step.num_new > 1 {
-                    Some(causal_mask(step.num_cached, step.num_new, device)?)
-                } else {
-                    None
-                };
-                sequences.push(SequenceAttention {
+            let sequences = steps
+                .iter()
+                .zip(&spans)
+                .map(|(step, &(query_start, context_len))| SequenceAttention {
                     query_start,
                     query_len: step.num_new,
                     context_len,
-                    context_slots: Tensor::new(context_slots.as_slice(), device)?,
-                    slots: context_slots,
-                    causal_mask,
-                });
-            }
+                    slots: (0..context_len)
+                        .map(|p| slot_of(step.block_table, block_size, p))
+                        .collect(),
+                })
+                .collect();
             return Ok(Self {
                 positions: Tensor::new(positions, device)?,
                 slot_mapping: Tensor::new(slot_mapping, device)?,
@@ -308,9 +298,10 @@ pub fn paged_attention(
             .transpose(0, 1)?
             .contiguous()?
             .reshape((num_kv_heads, groups * q_len, head_dim))?;
+        let context_slots = Tensor::new(seq.slots.as_slice(), queries.device())?;
         let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
             cache
-                .index_select(&seq.context_slots, 0)?
+                .index_select(&context_slots, 0)?
                 .reshape((ctx, num_kv_heads, head_dim))?
                 .transpose(0, 1)?
                 .contiguous()
@@ -320,9 +311,9 @@ pub fn paged_attention(
         let scores = (q.matmul(&k.t()?)? * scale)?
             .to_dtype(DType::F32)?
             .reshape((heads, q_len, ctx))?;
-        let scores = match &seq.causal_mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
+        let scores = match q_len {
+            1 => scores,
+            _ => scores.broadcast_add(&causal_mask(ctx - q_len, q_len, queries.device())?)?,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?
             .to_dtype(queries.dtype())?

@@ -18,8 +18,8 @@ use candle_core::Tensor;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::cpu_kernels::{cpu_kernels_enabled, f32_slice, with_f32_slices};
 use super::cpu_math::softmax_in_place;
-use super::small_gemm::{cpu_decode_kernels_enabled, f32_slice, with_f32_slices};
 
 /// Queries per task: enough rows for the GEMM kernels to run at full speed, few enough that a
 /// chunk's scores (`QUERY_CHUNK × keys` f32) stay in L2.
@@ -199,7 +199,7 @@ pub fn paged_prefill(
     slots: &[u32],
     shape: AttentionShape,
 ) -> candle_core::Result<Option<Tensor>> {
-    if !cpu_decode_kernels_enabled() {
+    if !cpu_kernels_enabled() {
         return Ok(None);
     }
     let out = with_f32_slices([queries, key_cache, value_cache], |q, keys, values| {
@@ -248,13 +248,13 @@ pub fn merged_qkv_attention(
     heads: usize,
     scale: f32,
 ) -> candle_core::Result<Option<Tensor>> {
-    if !cpu_decode_kernels_enabled() {
+    if !cpu_kernels_enabled() {
         return Ok(None);
     }
     merged_qkv(qkv, heads, scale)
 }
 
-/// The path itself, whatever `cpu_decode_kernels_enabled` says (its test calls it directly).
+/// The path itself, whatever `cpu_kernels_enabled` says (its test calls it directly).
 fn merged_qkv(qkv: &Tensor, heads: usize, scale: f32) -> candle_core::Result<Option<Tensor>> {
     let (batch, tokens, width3) = qkv.dims3()?;
     let hidden = width3 / 3;

@@ -15,7 +15,8 @@
 
 use rayon::prelude::*;
 
-use super::small_gemm::{dot, has_avx2_fma};
+use super::cpu_kernels::has_avx2_fma;
+use super::small_gemm::dot;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {

@@ -14,8 +14,9 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use super::cpu_kernels::{cpu_kernels_enabled, has_avx2_fma, with_f32_slices};
 use super::cpu_math::softmax_in_place;
-use super::small_gemm::{cpu_decode_kernels_enabled, dot, has_avx2_fma, with_f32_slices};
+use super::small_gemm::dot;
 
 /// One decoding sequence: its query row's index in the flattened batch and its context's cache slots.
 pub struct DecodeQuery<'a> {
@@ -42,13 +43,13 @@ pub fn decode_attention_in_place(
     shape: Heads,
     scale: f32,
 ) -> candle_core::Result<Option<Vec<f32>>> {
-    if !cpu_decode_kernels_enabled() {
+    if !cpu_kernels_enabled() {
         return Ok(None);
     }
     in_place(queries, key_cache, value_cache, decodes, shape, scale)
 }
 
-/// The path itself, whatever `cpu_decode_kernels_enabled` says (its tests call it directly).
+/// The path itself, whatever `cpu_kernels_enabled` says (its tests call it directly).
 fn in_place(
     queries: &Tensor,
     key_cache: &Tensor,

@@ -5,8 +5,9 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
+use super::cpu_kernels::{cpu_kernels_enabled, f32_slice};
 use super::cpu_math;
-use super::small_gemm::{self, cpu_decode_kernels_enabled, f32_slice};
+use super::small_gemm;
 
 /// `y = x Wᵀ (+ b)` for `x` of any rank; weights as stored by PyTorch (`[out, in]`), or transposed
 /// once at load for layers that only ever see many rows (`store_transposed`).
@@ -123,7 +124,7 @@ fn gemm_with_bias(
     wt: &Tensor,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Option<Tensor>> {
-    if !cpu_decode_kernels_enabled() {
+    if !cpu_kernels_enabled() {
         return Ok(None);
     }
     let ((m, k), (k2, n)) = (x.dims2()?, wt.dims2()?);
@@ -236,7 +237,7 @@ fn on_cpu_f32(
     x: &Tensor,
     f: impl FnOnce(&[f32]) -> Vec<f32>,
 ) -> candle_core::Result<Option<Tensor>> {
-    if !cpu_decode_kernels_enabled() {
+    if !cpu_kernels_enabled() {
         return Ok(None);
     }
     let out = {
@@ -275,7 +276,7 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if x.rank() == 2
             && x.device().is_cpu()
-            && cpu_decode_kernels_enabled()
+            && cpu_kernels_enabled()
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
             && x.dim(1)? == self.weight.dim(0)?

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod cpu_attention;
+pub mod cpu_kernels;
 pub mod cpu_math;
 #[cfg(feature = "cuda")]
 pub mod cuda_graph;

@@ -14,7 +14,9 @@
 //! registers on AVX2; on AVX-512, one row takes 8 weight rows per pass and more rows tiles of 4 × 4
 //! (sixteen accumulators) over L1-sized blocks of k; other CPUs get a portable loop.
 
-use candle_core::{CpuStorage, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, Storage, Tensor};
+
+use super::cpu_kernels::{cpu_kernels_enabled, f32_slice, has_avx2_fma, has_avx512};
 use rayon::prelude::*;
 
 /// Largest row count sent here: where this kernel is ahead of candle's matmul, measured with
@@ -36,29 +38,12 @@ pub fn max_rows() -> usize {
 /// Weight rows per parallel task: enough work to amortise scheduling, enough tasks to balance.
 const ROWS_PER_TASK: usize = 32;
 
-/// Whether the CPU decode kernels (this module and `decode_attention`) are used (read once).
-/// `LLAVA_SERVER_CPU_DECODE_KERNELS=off` restores candle's matmul and the gathering attention, so that
-/// benchmarks can compare both in one build; `=on` forces them. Unset: on in optimised builds, off in
-/// debug builds, where these loops are compiled without optimisation (our crate is `opt-level` 0 in
-/// `dev`) and would be slower than candle's optimised GEMM; tests that cover them set `on`.
-pub fn cpu_decode_kernels_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| match std::env::var("LLAVA_SERVER_CPU_DECODE_KERNELS") {
-        Ok(v) => v != "off",
-        Err(_) => !cfg!(debug_assertions),
-    })
-}
-
 /// `x Wᵀ` for a 2-D f32 CPU `x` of at most `max_rows()` rows and a contiguous f32 or f16 `w`
 /// (`[out, in]`); `None` for anything else, which the caller sends to candle's matmul.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
     let n = w.dim(0)?;
-    if m > max_rows()
-        || !x.device().is_cpu()
-        || w.dims2()? != (n, k)
-        || !cpu_decode_kernels_enabled()
-    {
+    if m > max_rows() || !x.device().is_cpu() || w.dims2()? != (n, k) || !cpu_kernels_enabled() {
         return Ok(None);
     }
     let out = {
@@ -78,33 +63,6 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         }
     };
     Tensor::from_vec(out, (m, n), x.device()).map(Some)
-}
-
-/// The contiguous f32 elements of a CPU tensor, from its layout's offset.
-pub(crate) fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
-    match storage {
-        Storage::Cpu(CpuStorage::F32(data)) if layout.is_contiguous() => {
-            Some(&data[layout.start_offset()..][..layout.shape().elem_count()])
-        }
-        _ => None,
-    }
-}
-
-/// Calls `f` with the contiguous f32 elements of three CPU tensors (queries, keys, values), holding
-/// their storage while it runs; `Ok(None)` when any of them is not one (callers fall back to candle).
-pub(crate) fn with_f32_slices<R>(
-    tensors: [&Tensor; 3],
-    f: impl FnOnce(&[f32], &[f32], &[f32]) -> candle_core::Result<R>,
-) -> candle_core::Result<Option<R>> {
-    let [a, b, c] = tensors.map(|t| t.storage_and_layout());
-    match (
-        f32_slice(&a.0, a.1),
-        f32_slice(&b.0, b.1),
-        f32_slice(&c.0, c.1),
-    ) {
-        (Some(q), Some(k), Some(v)) => f(q, k, v).map(Some),
-        _ => Ok(None),
-    }
 }
 
 /// A weight element: f32, or f16 widened to f32 on load (products and sums are always f32).
@@ -203,20 +161,6 @@ pub fn matmul_transposed<W: Weight>(x: &[f32], w: &[W], m: usize, n: usize, k: u
     out
 }
 
-/// Whether the CPU runs the AVX2 + FMA (+ F16C) kernels of this module and `decode_attention`.
-pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// For each weight row of `w_rows`, its dot product with every row of `x`, into `out_t[row][i]`:
 /// tiles of 2 weight rows × 4 activation rows, eight 8-lane accumulators (6 loads per 8 FMAs); a
 /// single activation row takes 4 weight rows at a time instead.
@@ -288,18 +232,6 @@ unsafe fn rows_fma<W: Weight>(x: &[f32], w_rows: &[W], out_t: &mut [f32], m: usi
             i += quad;
         }
         j += pair;
-    }
-}
-
-/// Whether the CPU runs `rows_avx512`.
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 
