@@ -4,13 +4,16 @@
 //! do). Prints the best of several runs of each; the step at 16 against the step at 1 is issue 14's
 //! "16-sequence decode step ≤ 2× a 1-sequence step".
 //!   cargo bench --bench cpu_phases [-- --model DIR|llava-mid] [--prefill N] [--context C] [--f16]
+//!     [--decode-only] [--runs R]
 //! Default model: target/llava-mid if it exists (`python benches/cpu_side_by_side.py make-mid`), else
 //! the built-in llava-mid shapes with random weights. `LLAVA_SERVER_CPU_DECODE_KERNELS=off` compares
-//! against candle's own ops.
+//! against candle's own ops. `--decode-only` skips vision and prefill, and `--runs R` times each step R
+//! times (default 10), for `perf record` of the decode steps alone.
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use llava_server::model::attention::{AttentionMetadata, SequenceStep};
+use llava_server::model::decode_attention::{decode_attention_in_place, DecodeQuery, Heads};
 use llava_server::model::kv_cache::KvCache;
 use llava_server::model::llava::{ForwardInput, LlavaModel};
 use llava_server::model::{load_model, LoadFormat};
@@ -58,6 +61,44 @@ fn prefill(model: &LlavaModel, kv: &KvCache, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One layer's decode attention for the step's sequences, without the rest of the step.
+fn attention_alone(
+    model: &LlavaModel,
+    kv: &KvCache,
+    meta: &AttentionMetadata,
+    runs: usize,
+    what: &str,
+) -> anyhow::Result<()> {
+    let text = &model.config.text;
+    let kv_heads = text.num_key_value_heads;
+    let d = text.hidden_size / text.num_attention_heads;
+    let shape = Heads {
+        heads: text.num_attention_heads,
+        kv_heads,
+        head_dim: d,
+    };
+    let decodes: Vec<DecodeQuery<'_>> = meta
+        .sequences
+        .iter()
+        .map(|s| DecodeQuery {
+            token: s.query_start,
+            slots: s.slots(),
+        })
+        .collect();
+    let dev = model.device();
+    let queries = Tensor::randn(0f32, 1.0, (decodes.len(), shape.heads, d), dev)?;
+    let (k, v) = kv.layer(0);
+    let alone = best_of(runs, || {
+        decode_attention_in_place(&queries, k, v, &decodes, shape, 0.125)?;
+        Ok(())
+    })?;
+    println!(
+        "| {what}: one layer's attention alone | {:.2} |",
+        alone * 1e3
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     llava_server::model::fix_cpu_thread_count();
     let default_dir = std::path::Path::new("target/llava-mid");
@@ -76,21 +117,25 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--f16") {
         model.store_decoder_weights_f16()?;
     }
+    let decode_only = std::env::args().any(|a| a == "--decode-only");
+    let runs: usize = arg("--runs").map_or(Ok(10), |v| v.parse())?;
     println!(
-        "model {spec}, {} threads; best of 5 (phases) and 10 (decode steps)\n",
+        "model {spec}, {} threads; best of 5 (phases) and {runs} (decode steps)\n",
         rayon::current_num_threads()
     );
 
     let side = model.config.vision.image_size;
     let pixels = Tensor::randn(0f32, 1.0, (1, 3, side, side), &dev)?;
-    let vision = best_of(5, || Ok(model.vision_features(&pixels).map(drop)?))?;
-    let encode = best_of(5, || Ok(model.encode_images(&pixels).map(drop)?))?;
-    let kv = model.new_kv_cache(prefill_tokens.div_ceil(BLOCK) + 1, BLOCK)?;
-    let pre = best_of(5, || prefill(&model, &kv, prefill_tokens))?;
-    println!("| phase | seconds |\n|---|---|");
-    println!("| vision tower, one image | {vision:.3} |");
-    println!("| vision tower + projector | {encode:.3} |");
-    println!("| prefill of {prefill_tokens} text tokens | {pre:.3} |");
+    if !decode_only {
+        let vision = best_of(5, || Ok(model.vision_features(&pixels).map(drop)?))?;
+        let encode = best_of(5, || Ok(model.encode_images(&pixels).map(drop)?))?;
+        let kv = model.new_kv_cache(prefill_tokens.div_ceil(BLOCK) + 1, BLOCK)?;
+        let pre = best_of(5, || prefill(&model, &kv, prefill_tokens))?;
+        println!("| phase | seconds |\n|---|---|");
+        println!("| vision tower, one image | {vision:.3} |");
+        println!("| vision tower + projector | {encode:.3} |");
+        println!("| prefill of {prefill_tokens} text tokens | {pre:.3} |");
+    }
 
     // 16 sequences of `context` cached tokens: block tables either all distinct, or sharing every
     // block but the last two.
@@ -130,8 +175,11 @@ fn main() -> anyhow::Result<()> {
                 })
                 .collect();
             let meta = AttentionMetadata::build(&steps, BLOCK, &dev)?;
+            if batch > 1 {
+                attention_alone(&model, &kv, &meta, runs, &what)?;
+            }
             let ids = Tensor::new((0..batch as u32).map(|i| i + 100).collect::<Vec<_>>(), &dev)?;
-            let step = best_of(10, || {
+            let step = best_of(runs, || {
                 Ok(model.decode_logits(&ids, &meta, &kv).map(drop)?)
             })?;
             println!("| {what} | {:.1} |", step * 1e3);

@@ -79,9 +79,29 @@ fn check_all_cases(variant: &str) {
         // 16 greedy tokens through the engine, ids and text (whole and incremental decoding).
         // The references never stopped at EOS.
         let want = ids(&case["greedy"]["ids"]);
-        let events = greedy_events(&engine, prompt, want.len(), true);
+        let events = greedy_events(&engine, prompt.clone(), want.len(), true);
         let got = event_ids(&events);
         assert_eq!(got, want, "{name}: greedy ids");
+        // The same prompt three times at once: the prefix cache hands all three the blocks of the
+        // first run, so they decode together over shared slots (`decode_attention`'s shared-prefix
+        // pass, merged with each one's own slots) and must still give HF's tokens.
+        let hits_before = engine.metrics().prefix_hit_tokens;
+        let params = llava_server::types::SamplingParams {
+            max_tokens: want.len(),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let streams: Vec<_> = (0..3)
+            .map(|_| engine.submit(prompt.clone(), params.clone()).unwrap())
+            .collect();
+        for (i, stream) in streams.into_iter().enumerate() {
+            let got = event_ids(&engine::collect_blocking(stream).unwrap());
+            assert_eq!(got, want, "{name}: greedy ids of concurrent request {i}");
+        }
+        assert!(
+            engine.metrics().prefix_hit_tokens - hits_before >= 3 * 16,
+            "{name}: the concurrent requests shared no cached blocks"
+        );
         let want_text = case["greedy"]["text"].as_str().unwrap();
         assert_eq!(
             fx.builder.decode(&got).unwrap(),

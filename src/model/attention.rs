@@ -26,6 +26,13 @@ pub struct SequenceAttention {
     slots: Vec<u32>,
 }
 
+impl SequenceAttention {
+    /// Cache slot of each context position, in order.
+    pub fn slots(&self) -> &[u32] {
+        &self.slots
+    }
+}
+
 /// Per-step attention inputs for all sequences of a flattened batch.
 #[derive(Debug, Clone)]
 pub struct AttentionMetadata {

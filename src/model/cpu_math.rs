@@ -58,9 +58,9 @@ mod avx2 {
         _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
     }
 
-    /// Max-subtracted softmax of one row, in place.
+    /// `e^(s − max)` of one row in place; returns the row's max and the sum of the exponentials.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn softmax(row: &mut [f32]) {
+    pub unsafe fn exp_shifted(row: &mut [f32]) -> (f32, f32) {
         let body = row.len() / 8 * 8;
         let p = row.as_mut_ptr();
         let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
@@ -86,12 +86,19 @@ mod avx2 {
             *s = (*s - max).exp();
             total += *s;
         }
-        let inv = _mm256_set1_ps(1.0 / total);
+        (max, total)
+    }
+
+    /// `row × factor` in place.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scale(row: &mut [f32], factor: f32) {
+        let body = row.len() / 8 * 8;
+        let (p, f) = (row.as_mut_ptr(), _mm256_set1_ps(factor));
         for i in (0..body).step_by(8) {
-            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), f));
         }
         for s in &mut row[body..] {
-            *s *= 1.0 / total;
+            *s *= factor;
         }
     }
 
@@ -123,10 +130,26 @@ fn gated_scalar(x: &[f32], mul: Option<&[f32]>, k: f32, out: &mut [f32]) {
 /// Max-subtracted softmax of one row in place (all-`-inf` rows cannot occur: callers pass only the
 /// keys a query sees, itself included).
 pub fn softmax_in_place(row: &mut [f32]) {
+    let (_, total) = exp_shifted_in_place(row);
+    let inv = 1.0 / total;
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-        return unsafe { avx2::softmax(row) };
+        return unsafe { avx2::scale(row, inv) };
+    }
+    for s in row.iter_mut() {
+        *s *= inv;
+    }
+}
+
+/// The unnormalised half of a softmax: `e^(s − max)` in place, returning `(max, Σ e^(s − max))`, so
+/// that partial softmaxes over parts of a row can be merged later (decode attention over a shared
+/// prefix). An empty row gives `(-inf, 0)`.
+pub fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        return unsafe { avx2::exp_shifted(row) };
     }
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut total = 0f32;
@@ -134,10 +157,7 @@ pub fn softmax_in_place(row: &mut [f32]) {
         *s = (*s - max).exp();
         total += *s;
     }
-    let inv = 1.0 / total;
-    for s in row.iter_mut() {
-        *s *= inv;
-    }
+    (max, total)
 }
 
 /// `x / (1 + e^(−k x))`, times `mul` elementwise where given, over equal-length slices.

@@ -6,8 +6,15 @@
 //! most of a step's memory traffic (`memmove` in issue 14's profile). A decode query needs each cached
 //! row once, so this path reads the rows in place through the slot list and does the same arithmetic:
 //! scores `q·k × scale` in f32, softmax in f32 (max-subtracted, normalised before use, as softmax then
-//! `probs @ V`), then the probability-weighted sum of the value rows. Only the order of additions inside
-//! the dot products differs from the GEMM's, which the HF parity tests' tolerances cover.
+//! `probs @ V`), then the probability-weighted sum of the value rows. Only the order of additions
+//! differs from the GEMM's (and, for a shared prefix below, the normalisation comes after the weighted
+//! sums, when the parts merge), which the HF parity tests' tolerances cover.
+//!
+//! Sequences that share the first slots of their contexts (the prefix cache gives 16 streams on one
+//! image the same ~600 cached tokens) read that shared part once for all of them: a first pass attends
+//! each sequence over its own remaining slots, a second attends all the group's queries together over
+//! the shared slots, and the two partial softmaxes are merged by their maxima and sums (the "cascade"
+//! of FlashInfer). Per step this reads the shared keys and values once instead of once per sequence.
 //!
 //! f32 caches only (the CPU serves f32); other dtypes keep the reference path.
 
@@ -15,7 +22,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::cpu_kernels::{cpu_kernels_enabled, has_avx2_fma, with_f32_slices};
-use super::cpu_math::softmax_in_place;
+use super::cpu_math::{exp_shifted_in_place, softmax_in_place};
 use super::small_gemm::dot;
 
 /// One decoding sequence: its query row's index in the flattened batch and its context's cache slots.
@@ -75,260 +82,326 @@ fn in_place(
                 candle_core::bail!("cache slot {bad} is outside the pool of {slots_in_pool} slots");
             }
         }
+        let kernel = Kernel {
+            keys,
+            values,
+            row,
+            groups,
+            d,
+            scale,
+            avx2: has_avx2_fma() && d % 8 == 0,
+        };
+        let shared = shared_prefixes(decodes);
+        let mut own_start = vec![0usize; decodes.len()];
+        for group in &shared {
+            for &member in &group.members {
+                own_start[member] = group.len;
+            }
+        }
         let mut out = vec![0f32; decodes.len() * heads * d];
+        // The softmax maxima and sums of the members' own parts, for the merge.
+        let mut own_stats = vec![(0f32, 0f32); decodes.len() * heads];
         // One task per (sequence, block of kv heads): it reads each cached row's block once, in slot
         // order, for all the block's query heads. (One kv head per task read 256 of every 4096 bytes of a
         // row, sixteen times over: at 16 sequences the rows fell out of L2 between heads.) Small batches
         // split the heads so both threads have work.
-        let threads = rayon::current_num_threads();
-        let splits = [1, 2, 4, 8].into_iter().filter(|s| kv_heads % s == 0);
-        let split = splits
-            .clone()
-            .find(|s| decodes.len() * s >= 2 * threads)
-            .or(splits.clone().next_back())
-            .unwrap_or(1);
-        let block = kv_heads / split;
-        let avx2 = has_avx2_fma() && d % 8 == 0;
+        let block = kv_heads / head_split(kv_heads, decodes.len());
         out.par_chunks_mut(block * groups * d)
+            .zip(own_stats.par_chunks_mut(block * groups))
             .enumerate()
-            .for_each_init(Vec::new, |scores, (task, out)| {
-                let (decode, first_kv) = (&decodes[task / split], (task % split) * block);
-                let q_row = &q[decode.token * heads * d..][..heads * d];
-                let task = Task {
-                    q_block: &q_row[first_kv * groups * d..][..block * groups * d],
-                    keys,
-                    values,
-                    slots: decode.slots,
-                    row,
+            .for_each_init(Vec::new, |scores, (task, (out, stats))| {
+                let split = kv_heads / block;
+                let (i, first_kv) = (task / split, (task % split) * block);
+                let q_row = &q[decodes[i].token * heads * d..][..heads * d];
+                let part = Part {
+                    queries: &q_row[first_kv * groups * d..][..block * groups * d],
+                    slots: &decodes[i].slots[own_start[i]..],
                     column: first_kv * d,
                     kv_block: block,
-                    groups,
-                    d,
-                    scale,
+                    normalize: own_start[i] == 0,
                 };
-                if avx2 {
-                    // SAFETY: the CPU has AVX2 and FMA (checked at run time above) and `d` is a
-                    // multiple of 8.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        attend_avx2(&task, scores, out)
-                    };
-                } else {
-                    attend(&task, scores, out, dot::<f32>, axpy);
-                }
+                kernel.attend(&part, scores, out, stats);
             });
+        for group in &shared {
+            let queries: Vec<usize> = group.members.iter().map(|&m| decodes[m].token).collect();
+            let slots = &decodes[group.members[0]].slots[..group.len];
+            let parts = kernel.attend_together(q, &queries, slots, shape);
+            merge_into(&group.members, parts, &own_stats, shape, &mut out);
+        }
         Ok(out)
     })
 }
 
-/// One (sequence, block of kv heads): its query heads, where its context lies in the pool.
-struct Task<'a> {
-    /// The block's query heads, `kv_block × groups` of `d`.
-    q_block: &'a [f32],
-    keys: &'a [f32],
-    values: &'a [f32],
-    slots: &'a [u32],
-    row: usize,
-    /// Offset of the block's first kv head in a cache row.
-    column: usize,
-    kv_block: usize,
-    groups: usize,
-    d: usize,
-    scale: f32,
+/// Fewest splits of the kv heads that give each thread at least two tasks among `sequences`.
+fn head_split(kv_heads: usize, sequences: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    let splits = [1, 2, 4, 8, 16]
+        .into_iter()
+        .filter(|s| kv_heads.is_multiple_of(*s));
+    splits
+        .clone()
+        .find(|s| sequences * s >= 2 * threads)
+        .or(splits.clone().next_back())
+        .unwrap_or(1)
 }
 
-/// `attend` with eight-lane fused multiply-adds (Rust never contracts `a * b + c` by itself).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(task: &Task<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let dot8 = |a: &[f32], b: &[f32]| -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-            acc = _mm256_fmadd_ps(
-                _mm256_loadu_ps(x.as_ptr()),
-                _mm256_loadu_ps(y.as_ptr()),
-                acc,
-            );
-        }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        lanes.iter().sum()
-    };
-    let axpy8 = |alpha: f32, x: &[f32], y: &mut [f32]| {
-        let a = _mm256_set1_ps(alpha);
-        for (x, y) in x.chunks_exact(8).zip(y.chunks_exact_mut(8)) {
-            let acc = _mm256_fmadd_ps(a, _mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(y.as_ptr()));
-            _mm256_storeu_ps(y.as_mut_ptr(), acc);
-        }
-    };
-    attend(task, scores, out, dot8, axpy8)
+/// Shortest shared part worth a pass of its own: one cache block.
+const MIN_SHARED_SLOTS: usize = 16;
+
+/// Decoding sequences (indices into the batch) whose contexts all begin with the same `len` slots.
+#[derive(Debug, PartialEq)]
+struct SharedPrefix {
+    members: Vec<usize>,
+    len: usize,
 }
 
-/// Scores of every (query head, slot) in slot order, a softmax per head, then the probability-
-/// weighted value rows, again in slot order. `scores` is `[heads of the block][slots]`.
-#[inline(always)]
-fn attend(
-    task: &Task<'_>,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
-    axpy: impl Fn(f32, &[f32], &mut [f32]),
-) {
-    let (d, ctx) = (task.d, task.slots.len());
-    let width = task.kv_block * task.d;
-    let heads = task.kv_block * task.groups;
-    scores.clear();
-    scores.resize(heads * ctx, 0.0);
-    for (j, &s) in task.slots.iter().enumerate() {
-        let keys = &task.keys[s as usize * task.row + task.column..][..width];
-        for h in 0..heads {
-            let q = &task.q_block[h * d..][..d];
-            scores[h * ctx + j] = dot(q, &keys[h / task.groups * d..][..d]) * task.scale;
-        }
-    }
-    for probs in scores.chunks_exact_mut(ctx) {
-        softmax_in_place(probs);
-    }
-    for (j, &s) in task.slots.iter().enumerate() {
-        let values = &task.values[s as usize * task.row + task.column..][..width];
-        for h in 0..heads {
-            let p = scores[h * ctx + j];
-            axpy(
-                p,
-                &values[h / task.groups * d..][..d],
-                &mut out[h * d..][..d],
-            );
-        }
-    }
-}
-
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    /// Attention written out from its definition, in f64, for one query head.
-    fn by_definition(q: &[f32], ks: &[&[f32]], vs: &[&[f32]], scale: f64) -> Vec<f64> {
-        let scores: Vec<f64> = ks
-            .iter()
-            .map(|k| {
-                q.iter()
-                    .zip(*k)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum::<f64>()
-                    * scale
+/// Groups the sequences by their first slot; a group of two or more whose common prefix spans at
+/// least `MIN_SHARED_SLOTS` is attended together over it. (Slots identify cached tokens: two sequences
+/// can only hold the same slot through the prefix cache, which shares whole blocks from the start.)
+fn shared_prefixes(decodes: &[DecodeQuery<'_>]) -> Vec<SharedPrefix> {
+    let mut order: Vec<usize> = (0..decodes.len()).collect();
+    order.sort_by_key(|&i| decodes[i].slots[0]);
+    order
+        .chunk_by(|&a, &b| decodes[a].slots[0] == decodes[b].slots[0])
+        .filter(|run| run.len() >= 2)
+        .filter_map(|run| {
+            let first = decodes[run[0]].slots;
+            let len = run[1..]
+                .iter()
+                .map(|&i| {
+                    let other = decodes[i].slots;
+                    first.iter().zip(other).take_while(|(a, b)| a == b).count()
+                })
+                .min()?;
+            (len >= MIN_SHARED_SLOTS).then(|| SharedPrefix {
+                members: run.to_vec(),
+                len,
             })
-            .collect();
-        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-        let total: f64 = w.iter().sum();
-        let mut out = vec![0f64; q.len()];
-        for (wi, v) in w.iter().zip(vs) {
-            for (o, x) in out.iter_mut().zip(*v) {
-                *o += wi / total * *x as f64;
-            }
-        }
-        out
-    }
+        })
+        .collect()
+}
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        // Deterministic, spread over [-2, 2], no two neighbours alike.
-        (0..n)
-            .map(|i| 2.0 * ((i as f32 * 0.754_877 + seed as f32 * 1.3).sin()))
-            .collect()
-    }
-
-    #[test]
-    fn matches_the_definition_through_scattered_slots_with_grouped_heads() {
-        let (heads, kv_heads, d) = (4, 2, 12); // d not a multiple of 8: the dot's tail is used
-        let row = kv_heads * d;
-        let pool_slots = 40;
-        let dev = Device::Cpu;
-        let keys = values(pool_slots * row, 1);
-        let vals = values(pool_slots * row, 2);
-        let qs = values(3 * heads * d, 3);
-        // Token 1 is a prefill token the caller handles elsewhere: only tokens 0 and 2 decode here.
-        let slots_a: Vec<u32> = vec![7, 3, 30, 31, 0];
-        let slots_b: Vec<u32> = vec![12];
-        let decodes = [
-            DecodeQuery {
-                token: 0,
-                slots: &slots_a,
-            },
-            DecodeQuery {
-                token: 2,
-                slots: &slots_b,
-            },
-        ];
-        let shape = Heads {
-            heads,
-            kv_heads,
-            head_dim: d,
-        };
-        let scale = 0.3f32;
-        let out = in_place(
-            &Tensor::from_vec(qs.clone(), (3, heads, d), &dev).unwrap(),
-            &Tensor::from_vec(keys.clone(), (pool_slots, row), &dev).unwrap(),
-            &Tensor::from_vec(vals.clone(), (pool_slots, row), &dev).unwrap(),
-            &decodes,
-            shape,
-            scale,
-        )
-        .unwrap()
-        .expect("f32 CPU tensors take the in-place path");
-        for (i, decode) in decodes.iter().enumerate() {
-            for h in 0..heads {
-                let kvh = h / (heads / kv_heads);
-                let cell = |data: &[f32], s: u32| data[s as usize * row + kvh * d..][..d].to_vec();
-                let ks: Vec<Vec<f32>> = decode.slots.iter().map(|&s| cell(&keys, s)).collect();
-                let vs: Vec<Vec<f32>> = decode.slots.iter().map(|&s| cell(&vals, s)).collect();
-                let q = &qs[(decode.token * heads + h) * d..][..d];
-                let want = by_definition(
-                    q,
-                    &ks.iter().map(Vec::as_slice).collect::<Vec<_>>(),
-                    &vs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
-                    scale as f64,
-                );
-                let got = &out[(i * heads + h) * d..][..d];
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((*g as f64 - w).abs() < 1e-5, "head {h}: {g} vs {w}");
+/// Merges the shared part's partial softmaxes (`parts`, one per block of kv heads, queries in
+/// member-major order) with each member's own part (`out`, unnormalised, and `own_stats`):
+/// `(O₁·e^(m₁−m) + O₂·e^(m₂−m)) / (l₁·e^(m₁−m) + l₂·e^(m₂−m))` with `m` the larger maximum.
+fn merge_into(
+    members: &[usize],
+    parts: Vec<SharedPart>,
+    own_stats: &[(f32, f32)],
+    shape: Heads,
+    out: &mut [f32],
+) {
+    let Heads {
+        heads, head_dim: d, ..
+    } = shape;
+    let per_member = heads / parts.len();
+    for (t, part) in parts.iter().enumerate() {
+        let (shared_out, shared_stats) = (&part.out, &part.stats);
+        for (k, &member) in members.iter().enumerate() {
+            for j in 0..per_member {
+                let (query, h) = (k * per_member + j, t * per_member + j);
+                let ((m1, l1), (m2, l2)) = (shared_stats[query], own_stats[member * heads + h]);
+                // An empty own part has (−inf, 0): its weight is e^(−inf) = 0.
+                let top = m1.max(m2);
+                let (a, b) = ((m1 - top).exp(), (m2 - top).exp());
+                let inv = 1.0 / (l1 * a + l2 * b);
+                let o1 = &shared_out[query * d..][..d];
+                for (o, s) in out[(member * heads + h) * d..][..d].iter_mut().zip(o1) {
+                    *o = (s * a + *o * b) * inv;
                 }
             }
         }
-        // A single key: the output is that key's value row exactly.
-        let only = &out[heads * d..][..d];
-        assert_eq!(only, &vals[12 * row..][..d]);
-    }
-
-    #[test]
-    fn refuses_other_dtypes_and_slots_outside_the_pool() {
-        let dev = Device::Cpu;
-        let q = Tensor::zeros((1, 2, 8), candle_core::DType::F16, &dev).unwrap();
-        let cache = Tensor::zeros((4, 16), candle_core::DType::F16, &dev).unwrap();
-        let shape = Heads {
-            heads: 2,
-            kv_heads: 2,
-            head_dim: 8,
-        };
-        let decode = [DecodeQuery {
-            token: 0,
-            slots: &[0],
-        }];
-        let r = in_place(&q, &cache, &cache, &decode, shape, 1.0).unwrap();
-        assert!(r.is_none(), "f16 tensors take the reference path");
-        let q = q.to_dtype(candle_core::DType::F32).unwrap();
-        let cache = cache.to_dtype(candle_core::DType::F32).unwrap();
-        let outside = [DecodeQuery {
-            token: 0,
-            slots: &[4],
-        }];
-        assert!(in_place(&q, &cache, &cache, &outside, shape, 1.0).is_err());
     }
 }
+
+/// The shared pass's result for one block of kv heads: every member's query heads, member-major,
+/// their unnormalised outputs and `(max, sum)`.
+struct SharedPart {
+    out: Vec<f32>,
+    stats: Vec<(f32, f32)>,
+}
+
+/// What every task reads: the pool and the heads' shape.
+struct Kernel<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    row: usize,
+    groups: usize,
+    d: usize,
+    scale: f32,
+    avx2: bool,
+}
+
+/// One task's queries over some slots, for one block of kv heads.
+struct Part<'a> {
+    /// Query heads, `kv_block × groups` of `d` per sequence (several sequences one after another in
+    /// the shared pass): query `i` reads kv head `(i / groups) % kv_block` of the block.
+    queries: &'a [f32],
+    slots: &'a [u32],
+    /// Offset of the block's first kv head in a cache row.
+    column: usize,
+    kv_block: usize,
+    /// A full softmax (the whole context), or the unnormalised part and its `(max, sum)` per query.
+    normalize: bool,
+}
+
+impl Kernel<'_> {
+    /// The group's queries (`tokens`) over its shared `slots`: per block of kv heads, the unnormalised
+    /// outputs and `(max, sum)` of every member's query heads.
+    fn attend_together(
+        &self,
+        q: &[f32],
+        tokens: &[usize],
+        slots: &[u32],
+        shape: Heads,
+    ) -> Vec<SharedPart> {
+        let Heads {
+            heads, kv_heads, ..
+        } = shape;
+        let (d, groups) = (self.d, self.groups);
+        let block = kv_heads / head_split(kv_heads, 1);
+        (0..kv_heads / block)
+            .into_par_iter()
+            .map_init(Vec::new, |scores, t| {
+                let per_member = block * groups * d;
+                let mut queries = Vec::with_capacity(tokens.len() * per_member);
+                for &token in tokens {
+                    let first = (token * heads + t * block * groups) * d;
+                    queries.extend_from_slice(&q[first..][..per_member]);
+                }
+                let mut out = vec![0f32; queries.len()];
+                let mut stats = vec![(0f32, 0f32); queries.len() / d];
+                let part = Part {
+                    queries: &queries,
+                    slots,
+                    column: t * block * d,
+                    kv_block: block,
+                    normalize: false,
+                };
+                self.attend(&part, scores, &mut out, &mut stats);
+                SharedPart { out, stats }
+            })
+            .collect()
+    }
+
+    fn attend(
+        &self,
+        part: &Part<'_>,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+        stats: &mut [(f32, f32)],
+    ) {
+        if self.avx2 {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time) and `d` is a multiple of 8.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                return attend_avx2(self, part, scores, out, stats);
+            }
+        }
+        attend(
+            self,
+            part,
+            scores,
+            out,
+            stats,
+            scores_portable,
+            weighted_values_portable,
+        );
+    }
+}
+
+/// `attend` with the eight-lane kernels of `avx2`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    kernel: &Kernel<'_>,
+    part: &Part<'_>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    stats: &mut [(f32, f32)],
+) {
+    attend(
+        kernel,
+        part,
+        scores,
+        out,
+        stats,
+        |k, p, s| unsafe { avx2::scores(k, p, s) },
+        |k, p, s, o| unsafe { avx2::weighted_values(k, p, s, o) },
+    )
+}
+
+/// Scores of every (query head, slot), a softmax per head (or its unnormalised part and `(max, sum)`
+/// in `stats`), then the probability-weighted value rows. `scores` is `[query heads][slots]`.
+#[inline(always)]
+fn attend(
+    kernel: &Kernel<'_>,
+    part: &Part<'_>,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    stats: &mut [(f32, f32)],
+    score: impl Fn(&Kernel<'_>, &Part<'_>, &mut [f32]),
+    weigh: impl Fn(&Kernel<'_>, &Part<'_>, &[f32], &mut [f32]),
+) {
+    let ctx = part.slots.len();
+    if ctx == 0 {
+        // A member whose whole context is shared: its own part is empty.
+        stats.fill((f32::NEG_INFINITY, 0.0));
+        return;
+    }
+    scores.clear();
+    scores.resize(part.queries.len() / kernel.d * ctx, 0.0);
+    score(kernel, part, scores);
+    for (probs, stat) in scores.chunks_exact_mut(ctx).zip(stats.iter_mut()) {
+        match part.normalize {
+            true => softmax_in_place(probs),
+            false => *stat = exp_shifted_in_place(probs),
+        }
+    }
+    weigh(kernel, part, scores, out);
+}
+
+impl Part<'_> {
+    /// Offset of query `i`'s kv head in the block's columns.
+    #[inline(always)]
+    fn kv_column(&self, i: usize, groups: usize, d: usize) -> usize {
+        (i / groups) % self.kv_block * d
+    }
+}
+
+/// The portable scores: one dot product at a time, in slot order.
+fn scores_portable(kernel: &Kernel<'_>, part: &Part<'_>, scores: &mut [f32]) {
+    let (d, ctx) = (kernel.d, part.slots.len());
+    let width = part.kv_block * d;
+    for (j, &s) in part.slots.iter().enumerate() {
+        let keys = &kernel.keys[s as usize * kernel.row + part.column..][..width];
+        for (i, q) in part.queries.chunks_exact(d).enumerate() {
+            let k = &keys[part.kv_column(i, kernel.groups, d)..][..d];
+            scores[i * ctx + j] = dot(q, k) * kernel.scale;
+        }
+    }
+}
+
+/// The portable weighted sum: value rows added into the outputs in slot order.
+fn weighted_values_portable(kernel: &Kernel<'_>, part: &Part<'_>, probs: &[f32], out: &mut [f32]) {
+    let (d, ctx) = (kernel.d, part.slots.len());
+    let width = part.kv_block * d;
+    for (j, &s) in part.slots.iter().enumerate() {
+        let values = &kernel.values[s as usize * kernel.row + part.column..][..width];
+        for (i, o) in out.chunks_exact_mut(d).enumerate() {
+            let v = &values[part.kv_column(i, kernel.groups, d)..][..d];
+            let p = probs[i * ctx + j];
+            for (o, v) in o.iter_mut().zip(v) {
+                *o += p * v;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[path = "decode_attention_avx2.rs"]
+mod avx2;
+
+#[cfg(test)]
+#[path = "decode_attention_tests.rs"]
+mod tests;

@@ -11,8 +11,9 @@
 //! The dot products use eight partial sums (fused multiply-add where the CPU has AVX2 + FMA), so their
 //! order of additions differs from the GEMM's: results agree to f32 rounding, which the HF parity
 //! tests' tolerances cover. Tiles of 2 weight rows × 4 activation rows keep eight accumulators in
-//! registers on AVX2; on AVX-512, one row takes 8 weight rows per pass and more rows tiles of 4 × 4
-//! (sixteen accumulators) over L1-sized blocks of k; other CPUs get a portable loop.
+//! registers on AVX2; on AVX-512, one row takes 8 weight rows per pass and more rows tiles of 6 weight
+//! rows × 4 activation rows (24 accumulators) over L1-sized blocks of k, the next block prefetched
+//! while this one is multiplied; other CPUs get a portable loop.
 
 use candle_core::{CpuStorage, Storage, Tensor};
 
@@ -35,8 +36,9 @@ pub fn max_rows() -> usize {
     })
 }
 
-/// Weight rows per parallel task: enough work to amortise scheduling, enough tasks to balance.
-const ROWS_PER_TASK: usize = 32;
+/// Weight rows per parallel task: enough work to amortise scheduling, enough tasks to balance; a
+/// multiple of the AVX-512 tile (6) and of the one-row pass (8).
+const ROWS_PER_TASK: usize = 48;
 
 /// `x Wᵀ` for a 2-D f32 CPU `x` of at most `max_rows()` rows and a contiguous f32 or f16 `w`
 /// (`[out, in]`); `None` for anything else, which the caller sends to candle's matmul.
@@ -235,9 +237,10 @@ unsafe fn rows_fma<W: Weight>(x: &[f32], w_rows: &[W], out_t: &mut [f32], m: usi
     }
 }
 
-/// `rows_fma` on AVX-512. Several activation rows: tiles of 4 weight rows × 4 activation rows,
-/// sixteen 16-lane accumulators, 8 loads per 16 FMAs (the AVX2 tiles issue 6 loads per 8 and were
-/// compute-bound at 16 rows: 87 GFLOP/s on the mid checkpoint's qkv shape). One row: eight weight
+/// `rows_fma` on AVX-512. Several activation rows: tiles of 6 weight rows × 4 activation rows,
+/// twenty-four 16-lane accumulators, 10 loads per 24 FMAs (the AVX2 tiles issue 6 loads per 8 and were
+/// compute-bound at 16 rows: 87 GFLOP/s on the mid checkpoint's qkv shape; 4 × 4 tiles, 8 loads per 16,
+/// took 57–58 ms for the 16-sequence step of `cpu_phases` where these take 51–52). One row: eight weight
 /// rows per pass (batch-1 f16 decode 30 → 26-30 ms per step beside the AVX2 loop, noisy).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
@@ -277,21 +280,35 @@ unsafe fn rows_avx512<W: Weight>(x: &[f32], w_rows: &[W], out_t: &mut [f32], m: 
     // Quads of activation rows: at most 8 (`max_rows()` is 32).
     let quads = m.div_ceil(4);
     assert!(quads <= 8, "rows_avx512 takes at most 32 rows");
-    let mut sums = [[_mm512_setzero_ps(); 16]; 8];
+    let mut sums = [[_mm512_setzero_ps(); 4 * TILE]; 8];
     let mut j = 0;
     while j < rows {
-        let n4 = (rows - j).min(4);
+        let nt = (rows - j).min(TILE);
         // A short last tile repeats its last weight row; the repeats are computed, not stored.
-        let wr = [0, 1, 2, 3].map(|r| wp.add((j + r.min(n4 - 1)) * k));
+        let wr: [*const W; TILE] = std::array::from_fn(|r| wp.add((j + r.min(nt - 1)) * k));
         sums[..quads]
             .iter_mut()
-            .for_each(|s| *s = [_mm512_setzero_ps(); 16]);
-        // k in blocks: every quad of activation rows uses a block of the four weight rows while it
+            .for_each(|s| *s = [_mm512_setzero_ps(); 4 * TILE]);
+        // k in blocks: every quad of activation rows uses a block of the tile's weight rows while it
         // sits in L1, so each weight row comes from memory once (whole rows per quad made the first
         // quad wait on memory and the others re-read L2).
         let mut start = 0;
         while start < body {
             let end = (start + K_BLOCK).min(body);
+            // The block after this one (the next tile's first block after the last), fetched while
+            // this one is multiplied: without it each block's first quad waited on memory and the
+            // products did not overlap the reads (at 16 rows the time was their sum).
+            let next: [*const W; TILE] = match (end < body, j + TILE < rows) {
+                (true, _) => wr.map(|p| p.add(end)),
+                (false, true) => {
+                    std::array::from_fn(|r| wp.add((j + TILE + r.min(rows - j - TILE - 1)) * k))
+                }
+                (false, false) => wr,
+            };
+            // The next block's 16-weight pieces, spread over all the block's iterations (a burst in
+            // the first quad left the later ones nothing to overlap).
+            let per_iteration = TILE.div_ceil(quads);
+            let mut piece = 0;
             for (qi, sum) in sums[..quads].iter_mut().enumerate() {
                 let i = qi * 4;
                 let quad = (m - i).min(4);
@@ -299,10 +316,17 @@ unsafe fn rows_avx512<W: Weight>(x: &[f32], w_rows: &[W], out_t: &mut [f32], m: 
                 let mut a = *sum;
                 let mut c = start;
                 while c < end {
-                    let w = [0, 1, 2, 3].map(|r| W::load16(wr[r].add(c)));
+                    for _ in 0..per_iteration {
+                        let (r, at) = (piece / (K_BLOCK / 16), piece % (K_BLOCK / 16) * 16);
+                        if r < TILE {
+                            _mm_prefetch::<PREFETCH_HINT>(next[r].add(at) as *const i8);
+                        }
+                        piece += 1;
+                    }
+                    let w: [__m512; TILE] = std::array::from_fn(|r| W::load16(wr[r].add(c)));
                     for (q, row) in xr.iter().enumerate() {
                         let xv = _mm512_loadu_ps(row.add(c));
-                        for r in 0..4 {
+                        for r in 0..TILE {
                             a[4 * r + q] = _mm512_fmadd_ps(xv, w[r], a[4 * r + q]);
                         }
                     }
@@ -314,15 +338,20 @@ unsafe fn rows_avx512<W: Weight>(x: &[f32], w_rows: &[W], out_t: &mut [f32], m: 
         }
         for (qi, sum) in sums[..quads].iter().enumerate() {
             let i = qi * 4;
-            for r in 0..n4 {
+            for r in 0..nt {
                 for q in 0..(m - i).min(4) {
                     out_t[(j + r) * m + i + q] = finish(sum[4 * r + q], i + q, j + r);
                 }
             }
         }
-        j += n4;
+        j += nt;
     }
 }
+
+const PREFETCH_HINT: i32 = std::arch::x86_64::_MM_HINT_T0;
+
+/// Weight rows per tile of `rows_avx512` (× 4 activation rows: `4 × TILE` accumulators).
+const TILE: usize = 6;
 
 /// Weight elements per block of `rows_avx512`: four rows of it (4 KB in f32) stay in L1 while every
 /// quad of activation rows passes over them.
