@@ -319,7 +319,8 @@ unsafe fn rows_avx512<W: Weight>(x: &[f32], w_rows: &[W], out_t: &mut [f32], m: 
                     for _ in 0..per_iteration {
                         let (r, at) = (piece / (K_BLOCK / 16), piece % (K_BLOCK / 16) * 16);
                         if r < TILE {
-                            _mm_prefetch::<PREFETCH_HINT>(next[r].add(at) as *const i8);
+                            // `wrapping_add`: past a matrix's last row the address is only a hint.
+                            _mm_prefetch::<PREFETCH_HINT>(next[r].wrapping_add(at) as *const i8);
                         }
                         piece += 1;
                     }
