@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use llava_server::model::attention::{AttentionMetadata, SequenceStep};
+use llava_server::model::attention::{AttentionMetadata, SequenceAttention, SequenceStep};
 use llava_server::model::decode_attention::{decode_attention_in_place, DecodeQuery, Heads};
 use llava_server::model::kv_cache::KvCache;
 use llava_server::model::llava::{ForwardInput, LlavaModel};
@@ -80,10 +80,7 @@ fn attention_alone(
     let decodes: Vec<DecodeQuery<'_>> = meta
         .sequences
         .iter()
-        .map(|s| DecodeQuery {
-            token: s.query_start,
-            slots: s.slots(),
-        })
+        .filter_map(SequenceAttention::as_decode)
         .collect();
     let dev = model.device();
     let queries = Tensor::randn(0f32, 1.0, (decodes.len(), shape.heads, d), dev)?;

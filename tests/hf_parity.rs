@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::Device;
-use common::{assert_close, event_ids, greedy_events, ids, last_logits, Fixture};
+use common::{assert_close, event_ids, greedy_events, greedy_params, ids, last_logits, Fixture};
 use llava_server::engine::inputs::pixel_values;
 use llava_server::engine::{self, EngineConfig};
 use llava_server::frontend::ChoiceText;
@@ -86,11 +86,7 @@ fn check_all_cases(variant: &str) {
         // first run, so they decode together over shared slots (`decode_attention`'s shared-prefix
         // pass, merged with each one's own slots) and must still give HF's tokens.
         let hits_before = engine.metrics().prefix_hit_tokens;
-        let params = llava_server::types::SamplingParams {
-            max_tokens: want.len(),
-            ignore_eos: true,
-            ..Default::default()
-        };
+        let params = greedy_params(want.len(), true);
         let streams: Vec<_> = (0..3)
             .map(|_| engine.submit(prompt.clone(), params.clone()).unwrap())
             .collect();

@@ -27,9 +27,12 @@ pub struct SequenceAttention {
 }
 
 impl SequenceAttention {
-    /// Cache slot of each context position, in order.
-    pub fn slots(&self) -> &[u32] {
-        &self.slots
+    /// The sequence as a decode query of the in-place path, when it decodes (one new token).
+    pub fn as_decode(&self) -> Option<DecodeQuery<'_>> {
+        (self.query_len == 1).then_some(DecodeQuery {
+            token: self.query_start,
+            slots: &self.slots,
+        })
     }
 }
 
@@ -241,11 +244,7 @@ pub fn paged_attention(
     let decodes: Vec<DecodeQuery<'_>> = meta
         .sequences
         .iter()
-        .filter(|s| s.query_len == 1)
-        .map(|s| DecodeQuery {
-            token: s.query_start,
-            slots: &s.slots,
-        })
+        .filter_map(SequenceAttention::as_decode)
         .collect();
     let shape = Heads {
         heads,

@@ -40,6 +40,18 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
+impl Heads {
+    /// Values per cached row: every kv head's.
+    fn row(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Query heads per kv head.
+    fn groups(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
 /// `[decodes.len(), heads × head_dim]` attention outputs, or `None` when a tensor is not an f32 CPU
 /// tensor laid out contiguously (the caller then takes the reference path).
 pub fn decode_attention_in_place(
@@ -71,8 +83,7 @@ fn in_place(
             kv_heads,
             head_dim: d,
         } = shape;
-        let row = kv_heads * d;
-        let groups = heads / kv_heads;
+        let (row, groups) = (shape.row(), shape.groups());
         let slots_in_pool = keys.len() / row;
         for decode in decodes {
             if decode.slots.is_empty() {
@@ -85,9 +96,7 @@ fn in_place(
         let kernel = Kernel {
             keys,
             values,
-            row,
-            groups,
-            d,
+            shape,
             scale,
             avx2: has_avx2_fma() && d % 8 == 0,
         };
@@ -125,7 +134,7 @@ fn in_place(
         for group in &shared {
             let queries: Vec<usize> = group.members.iter().map(|&m| decodes[m].token).collect();
             let slots = &decodes[group.members[0]].slots[..group.len];
-            let parts = kernel.attend_together(q, &queries, slots, shape);
+            let parts = kernel.attend_together(q, &queries, slots);
             merge_into(&group.members, parts, &own_stats, shape, &mut out);
         }
         Ok(out)
@@ -225,9 +234,7 @@ struct SharedPart {
 struct Kernel<'a> {
     keys: &'a [f32],
     values: &'a [f32],
-    row: usize,
-    groups: usize,
-    d: usize,
+    shape: Heads,
     scale: f32,
     avx2: bool,
 }
@@ -248,17 +255,13 @@ struct Part<'a> {
 impl Kernel<'_> {
     /// The group's queries (`tokens`) over its shared `slots`: per block of kv heads, the unnormalised
     /// outputs and `(max, sum)` of every member's query heads.
-    fn attend_together(
-        &self,
-        q: &[f32],
-        tokens: &[usize],
-        slots: &[u32],
-        shape: Heads,
-    ) -> Vec<SharedPart> {
+    fn attend_together(&self, q: &[f32], tokens: &[usize], slots: &[u32]) -> Vec<SharedPart> {
         let Heads {
-            heads, kv_heads, ..
-        } = shape;
-        let (d, groups) = (self.d, self.groups);
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = self.shape;
+        let groups = self.shape.groups();
         let block = kv_heads / head_split(kv_heads, 1);
         (0..kv_heads / block)
             .into_par_iter()
@@ -350,7 +353,7 @@ fn attend(
         return;
     }
     scores.clear();
-    scores.resize(part.queries.len() / kernel.d * ctx, 0.0);
+    scores.resize(part.queries.len() / kernel.shape.head_dim * ctx, 0.0);
     score(kernel, part, scores);
     for (probs, stat) in scores.chunks_exact_mut(ctx).zip(stats.iter_mut()) {
         match part.normalize {
@@ -361,22 +364,22 @@ fn attend(
     weigh(kernel, part, scores, out);
 }
 
-impl Part<'_> {
-    /// Offset of query `i`'s kv head in the block's columns.
+impl Kernel<'_> {
+    /// Offset of the part's query `i`'s kv head in the block's columns.
     #[inline(always)]
-    fn kv_column(&self, i: usize, groups: usize, d: usize) -> usize {
-        (i / groups) % self.kv_block * d
+    fn kv_column(&self, part: &Part<'_>, i: usize) -> usize {
+        (i / self.shape.groups()) % part.kv_block * self.shape.head_dim
     }
 }
 
 /// The portable scores: one dot product at a time, in slot order.
 fn scores_portable(kernel: &Kernel<'_>, part: &Part<'_>, scores: &mut [f32]) {
-    let (d, ctx) = (kernel.d, part.slots.len());
+    let (d, ctx) = (kernel.shape.head_dim, part.slots.len());
     let width = part.kv_block * d;
     for (j, &s) in part.slots.iter().enumerate() {
-        let keys = &kernel.keys[s as usize * kernel.row + part.column..][..width];
+        let keys = &kernel.keys[s as usize * kernel.shape.row() + part.column..][..width];
         for (i, q) in part.queries.chunks_exact(d).enumerate() {
-            let k = &keys[part.kv_column(i, kernel.groups, d)..][..d];
+            let k = &keys[kernel.kv_column(part, i)..][..d];
             scores[i * ctx + j] = dot(q, k) * kernel.scale;
         }
     }
@@ -384,12 +387,12 @@ fn scores_portable(kernel: &Kernel<'_>, part: &Part<'_>, scores: &mut [f32]) {
 
 /// The portable weighted sum: value rows added into the outputs in slot order.
 fn weighted_values_portable(kernel: &Kernel<'_>, part: &Part<'_>, probs: &[f32], out: &mut [f32]) {
-    let (d, ctx) = (kernel.d, part.slots.len());
+    let (d, ctx) = (kernel.shape.head_dim, part.slots.len());
     let width = part.kv_block * d;
     for (j, &s) in part.slots.iter().enumerate() {
-        let values = &kernel.values[s as usize * kernel.row + part.column..][..width];
+        let values = &kernel.values[s as usize * kernel.shape.row() + part.column..][..width];
         for (i, o) in out.chunks_exact_mut(d).enumerate() {
-            let v = &values[part.kv_column(i, kernel.groups, d)..][..d];
+            let v = &values[kernel.kv_column(part, i)..][..d];
             let p = probs[i * ctx + j];
             for (o, v) in o.iter_mut().zip(v) {
                 *o += p * v;

@@ -39,15 +39,15 @@ unsafe fn sum_each(a: [__m256; 8]) -> __m256 {
 /// `scores[i][j] = q_i · k_j × scale` for every query head `i` and slot `j` of the part.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn scores(kernel: &Kernel<'_>, part: &Part<'_>, scores: &mut [f32]) {
-    let (d, ctx) = (kernel.d, part.slots.len());
+    let (d, ctx) = (kernel.shape.head_dim, part.slots.len());
     let scale = _mm256_set1_ps(kernel.scale);
     let base = kernel.keys.as_ptr().add(part.column);
     for (chunk, slots) in part.slots.chunks(8).enumerate() {
         // A short last chunk repeats its last slot; the repeats are computed, not stored.
         let rows = [0, 1, 2, 3, 4, 5, 6, 7]
-            .map(|s| base.add(slots[s.min(slots.len() - 1)] as usize * kernel.row));
+            .map(|s| base.add(slots[s.min(slots.len() - 1)] as usize * kernel.shape.row()));
         for (i, q) in part.queries.chunks_exact(d).enumerate() {
-            let column = part.kv_column(i, kernel.groups, d);
+            let column = kernel.kv_column(part, i);
             let mut acc = [_mm256_setzero_ps(); 8];
             for c in (0..d).step_by(8) {
                 let qv = _mm256_loadu_ps(q.as_ptr().add(c));
@@ -77,12 +77,12 @@ pub unsafe fn weighted_values(
     probs: &[f32],
     out: &mut [f32],
 ) {
-    let (d, ctx) = (kernel.d, part.slots.len());
+    let (d, ctx) = (kernel.shape.head_dim, part.slots.len());
     let base = kernel.values.as_ptr().add(part.column);
     for (chunk, slots) in part.slots.chunks(SLOT_CHUNK).enumerate() {
         let first = chunk * SLOT_CHUNK;
         for (i, o) in out.chunks_exact_mut(d).enumerate() {
-            let column = part.kv_column(i, kernel.groups, d);
+            let column = kernel.kv_column(part, i);
             let p = &probs[i * ctx + first..][..slots.len()];
             // Up to 64 columns of the head at a time: eight accumulators.
             for c0 in (0..d).step_by(64) {
@@ -92,7 +92,7 @@ pub unsafe fn weighted_values(
                     *a = _mm256_loadu_ps(o.as_ptr().add(c0 + 8 * v));
                 }
                 for (&s, &pj) in slots.iter().zip(p) {
-                    let row = base.add(s as usize * kernel.row + column + c0);
+                    let row = base.add(s as usize * kernel.shape.row() + column + c0);
                     let pv = _mm256_set1_ps(pj);
                     for (v, a) in acc.iter_mut().enumerate().take(lanes) {
                         *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * v)), *a);

@@ -274,18 +274,14 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.rank() == 2
-            && x.device().is_cpu()
-            && cpu_kernels_enabled()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && x.dim(1)? == self.weight.dim(0)?
-        {
-            let weight = self.weight.to_vec1::<f32>()?;
-            let eps = self.eps as f32;
-            let norm = |xs: &[f32]| cpu_math::rms_norm(xs, &weight, eps);
-            if let Some(out) = on_cpu_f32(x, norm)? {
-                return Ok(out);
+        if x.rank() == 2 && x.dim(1)? == self.weight.dim(0)? {
+            // The weight read where it lies (an f32 CPU tensor, or not this path).
+            let (storage, layout) = self.weight.storage_and_layout();
+            if let Some(weight) = f32_slice(&storage, layout) {
+                let eps = self.eps as f32;
+                if let Some(out) = on_cpu_f32(x, |xs| cpu_math::rms_norm(xs, weight, eps))? {
+                    return Ok(out);
+                }
             }
         }
         let dtype = x.dtype();

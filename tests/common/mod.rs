@@ -163,12 +163,17 @@ pub fn greedy_events(
     max_tokens: usize,
     ignore_eos: bool,
 ) -> Vec<llava_server::types::TokenEvent> {
-    let params = llava_server::types::SamplingParams {
+    let params = greedy_params(max_tokens, ignore_eos);
+    llava_server::engine::collect_blocking(engine.submit(prompt, params).unwrap()).unwrap()
+}
+
+/// Greedy sampling (the defaults) of `max_tokens` tokens.
+pub fn greedy_params(max_tokens: usize, ignore_eos: bool) -> llava_server::types::SamplingParams {
+    llava_server::types::SamplingParams {
         max_tokens,
         ignore_eos,
         ..llava_server::types::SamplingParams::default()
-    };
-    llava_server::engine::collect_blocking(engine.submit(prompt, params).unwrap()).unwrap()
+    }
 }
 
 /// The token ids of a choice's events, in order.
