@@ -2,7 +2,10 @@
 //! crate), on the mid checkpoint's decoder shapes, f32. Prints ms per call and the weight-read rate;
 //! the server sends at most `small_gemm::max_rows()` rows this way (where it is ahead).
 //!   cargo bench --bench cpu_gemm
-//!   cargo bench --bench cpu_gemm -- --read-floor   (only the read bandwidth, for cpu_side_by_side.py)
+//!   cargo bench --bench cpu_gemm -- --read-floor   (the read bandwidth and the FMA peak, for
+//!                                                    cpu_side_by_side.py's floors)
+//!   cargo bench --bench cpu_gemm -- --stream       (one-row GEMV from memory against the read floor)
+//!   cargo bench --bench cpu_gemm -- --packed-prototype   (small_gemm beside packed-panel weights)
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -67,9 +70,18 @@ fn main() {
     llava_server::model::fix_cpu_thread_count();
     if std::env::args().any(|a| a == "--read-floor") {
         println!("read bandwidth {:.1} GB/s", read_bandwidth_gbs());
+        println!("fma peak {:.1} GFLOP/s", fma_peak_gflops());
+        return;
+    }
+    if std::env::args().any(|a| a == "--stream") {
+        streaming_gemv();
         return;
     }
     let dev = Device::Cpu;
+    if std::env::args().any(|a| a == "--packed-prototype") {
+        packed_prototype::compare();
+        return;
+    }
     // (name, out, in): the mid decoder's merged qkv, merged gate/up, down and lm_head.
     let shapes = [
         ("qkv 1024→3072", 3072, 1024),
@@ -134,5 +146,236 @@ fn main() {
         });
         let gflops = 2.0 * (m * n * k) as f64 / t / 1e9;
         println!("| {name} | {m} | {:.2} | {gflops:.0} |", t * 1e3);
+    }
+}
+
+/// One activation row against 1 GiB of weights in the decoder's shapes, from memory as in decode (the
+/// set is 30× L3), interleaved with the read floor: how close the decode GEMV comes to a pure read.
+fn streaming_gemv() {
+    let shapes = [
+        (3072usize, 1024usize),
+        (1024, 1024),
+        (5632, 1024),
+        (1024, 2816),
+    ];
+    let per_set: usize = shapes.iter().map(|(n, k)| n * k).sum();
+    let sets = (1usize << 28) / per_set;
+    let ws: Vec<Vec<Vec<f32>>> = (0..sets)
+        .map(|s| {
+            shapes
+                .iter()
+                .map(|&(n, k)| (0..n * k).map(|i| ((i + s) % 97) as f32 * 1e-3).collect())
+                .collect()
+        })
+        .collect();
+    let x: Vec<f32> = (0..2816).map(|i| (i % 13) as f32 * 0.1).collect();
+    let bytes = (sets * per_set * 4) as f64;
+    let mut ratios = vec![];
+    for round in 0..5 {
+        let seconds = best_of(3, || {
+            for set in &ws {
+                for (w, &(n, k)) in set.iter().zip(&shapes) {
+                    std::hint::black_box(small_gemm::matmul_transposed(&x[..k], w, 1, n, k));
+                }
+            }
+        });
+        let (gemv, floor) = (bytes / seconds / 1e9, read_bandwidth_gbs());
+        ratios.push(gemv / floor);
+        println!("round {round}: small_gemm, one row: {gemv:.1} GB/s; read floor {floor:.1} GB/s");
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "median: the GEMV at {:.0}% of the read floor",
+        ratios[2] * 100.0
+    );
+}
+
+/// Peak f32 multiply-add rate of the pool: every thread runs twelve independent 16-lane FMA chains
+/// (enough to cover the latency), best of 5; the compute floor of a many-row decode step.
+fn fma_peak_gflops() -> f64 {
+    use rayon::prelude::*;
+    const STEPS: usize = 20_000_000;
+    let threads = rayon::current_num_threads();
+    let seconds = best_of(5, || {
+        let total: f32 = (0..threads)
+            .into_par_iter()
+            .map(|_| {
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX-512F checked just above.
+                    return unsafe { fma_chains(STEPS) };
+                }
+                0.0
+            })
+            .sum();
+        std::hint::black_box(total);
+    });
+    (threads * STEPS * 12 * 16 * 2) as f64 / seconds / 1e9
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains(steps: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc: [__m512; 12] = std::array::from_fn(|i| _mm512_set1_ps(i as f32 * 1e-3));
+    let (a, b) = (
+        _mm512_set1_ps(std::hint::black_box(0.999)),
+        _mm512_set1_ps(std::hint::black_box(1e-4)),
+    );
+    for _ in 0..steps {
+        for c in acc.iter_mut() {
+            *c = _mm512_fmadd_ps(*c, a, b);
+        }
+    }
+    acc.iter().map(|c| _mm512_reduce_add_ps(*c)).sum()
+}
+
+/// A prototype for the next step of issue 14: weights packed once into panels of 32 output columns
+/// (`[n/32][k][32]`), multiplied by broadcasting each activation and accumulating 8 rows × 32 columns
+/// in 16 registers, the products written as `[m][n]` directly. No horizontal sums and each activation
+/// block stays in L1, where `small_gemm`'s dot-product tiles re-read the activations from L2 for every
+/// tile. Not used by the server yet: the decoder would have to keep only the packed copy (the
+/// `[out, in]` one feeds candle's prefill GEMM), so prefill would have to run on it too.
+mod packed_prototype {
+    use super::{best_of, fma_peak_gflops};
+    use llava_server::model::small_gemm;
+    use rayon::prelude::*;
+
+    const NR: usize = 32;
+    const MR: usize = 8;
+
+    pub fn compare() {
+        let shapes = [
+            (3072usize, 1024usize),
+            (5632, 1024),
+            (1024, 2816),
+            (32064, 1024),
+        ];
+        println!("| n × k | rows | small_gemm GFLOP/s | packed panels | plain Wᵀ (`[k][n]`) |");
+        println!("|---|---|---|---|---|");
+        for (n, k) in shapes {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919) % 101) as f32 * 0.01 - 0.5)
+                .collect();
+            let packed = pack(&w, n, k);
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            for m in [8usize, 16, 32, 600] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 31) % 53) as f32 * 0.02 - 0.5)
+                    .collect();
+                let a = small_gemm::matmul_transposed(&x, &w, m, n, k);
+                for b in [
+                    matmul(&x, &packed, m, n, k, true),
+                    matmul(&x, &wt, m, n, k, false),
+                ] {
+                    let diff = a
+                        .iter()
+                        .zip(&b)
+                        .map(|(p, q)| (p - q).abs())
+                        .fold(0f32, f32::max);
+                    assert!(diff < 1e-3, "{n}×{k} m={m}: results differ by {diff}");
+                }
+                // Interleaved, best of 3 rounds of 5 each: the host's speed moves within seconds.
+                let (mut t0, mut t1, mut t2) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+                for _ in 0..3 {
+                    t0 = t0.min(best_of(5, || {
+                        std::hint::black_box(small_gemm::matmul_transposed(&x, &w, m, n, k));
+                    }));
+                    t1 = t1.min(best_of(5, || {
+                        std::hint::black_box(matmul(&x, &packed, m, n, k, true));
+                    }));
+                    t2 = t2.min(best_of(5, || {
+                        std::hint::black_box(matmul(&x, &wt, m, n, k, false));
+                    }));
+                }
+                let flops = 2.0 * (n * m * k) as f64;
+                println!(
+                    "| {n} × {k} | {m} | {:.0} | {:.0} ({:.2}×) | {:.0} ({:.2}×) |",
+                    flops / t0 / 1e9,
+                    flops / t1 / 1e9,
+                    t0 / t1,
+                    flops / t2 / 1e9,
+                    t0 / t2
+                );
+            }
+        }
+        println!("\nFMA peak of the pool: {:.0} GFLOP/s", fma_peak_gflops());
+    }
+
+    /// `[n/32][k][32]`, the last panel zero-padded.
+    fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut p = vec![0f32; n.div_ceil(NR) * k * NR];
+        for j in 0..n {
+            for kk in 0..k {
+                p[((j / NR) * k + kk) * NR + j % NR] = w[j * k + kk];
+            }
+        }
+        p
+    }
+
+    /// `packed`: `p` is `[n/32][k][32]`; otherwise it is `Wᵀ`, `[k][n]` (n a multiple of 32).
+    fn matmul(x: &[f32], p: &[f32], m: usize, n: usize, k: usize, packed: bool) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        // A task: two panels (64 columns) for every row; each task writes only its own columns.
+        let panels = n.div_ceil(NR);
+        let out_at = out.as_mut_ptr() as usize;
+        (0..panels.div_ceil(2)).into_par_iter().for_each(|t| {
+            for panel in 2 * t..(2 * t + 2).min(panels) {
+                let cols = (n - panel * NR).min(NR);
+                for i in (0..m).step_by(MR) {
+                    // SAFETY: AVX-512F (the bench's host has it); rows i.. of x, the panel and
+                    // out's rows i.. at the panel's columns are in bounds; tasks write disjoint columns.
+                    unsafe {
+                        let (at, ld) = if packed {
+                            (panel * k * NR, NR)
+                        } else {
+                            (panel * NR, n)
+                        };
+                        kernel(
+                            &x[i * k..],
+                            k,
+                            &p[at..],
+                            ld,
+                            (out_at as *mut f32).add(i * n + panel * NR),
+                            n,
+                            (m - i).min(MR),
+                            cols,
+                        )
+                    };
+                }
+            }
+        });
+        out
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel(
+        x: &[f32],
+        k: usize,
+        panel: &[f32],
+        ld: usize,
+        out: *mut f32,
+        n: usize,
+        rows: usize,
+        cols: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let xr: [*const f32; MR] = std::array::from_fn(|i| x.as_ptr().add(i.min(rows - 1) * k));
+        for kk in 0..k {
+            let w0 = _mm512_loadu_ps(panel.as_ptr().add(kk * ld));
+            let w1 = _mm512_loadu_ps(panel.as_ptr().add(kk * ld + 16));
+            for (a, row) in acc.iter_mut().zip(xr) {
+                let xb = _mm512_set1_ps(*row.add(kk));
+                a[0] = _mm512_fmadd_ps(xb, w0, a[0]);
+                a[1] = _mm512_fmadd_ps(xb, w1, a[1]);
+            }
+        }
+        let mask = |c: usize| -> __mmask16 { ((1u32 << c.min(16)) - 1) as __mmask16 };
+        for (i, a) in acc.iter().enumerate().take(rows) {
+            _mm512_mask_storeu_ps(out.add(i * n), mask(cols), a[0]);
+            _mm512_mask_storeu_ps(out.add(i * n + 16), mask(cols.saturating_sub(16)), a[1]);
+        }
     }
 }

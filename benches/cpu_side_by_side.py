@@ -9,7 +9,13 @@
       projector gelu, vision layer -2, strategy `default`. Tokenizer, chat template and processor
       (CLIP 336 crop) come from tests/fixtures/tiny. Default DIR: target/llava-mid.
 
+  python benches/cpu_side_by_side.py make-gguf --llama-cpp-src SRC [--model DIR] [--gguf OUT]
+      Converts DIR to GGUF with llama.cpp's own scripts from its source tree SRC (see
+      benches/llama_cpp_peer.py for how to get and build it): f32 and f16 decoders and an f32 image encoder.
+      Default OUT: target/llava-mid-gguf.
+
   python benches/cpu_side_by_side.py run [--model DIR] [--server BIN] [--reps N] [--threads T] [--no-hf-batch]
+                                        [--llama-cpp LLAMA_SERVER_BIN [--gguf OUT]]
       Starts our server on DIR (f32 compute) and loads HF's LlavaForConditionalGeneration on the same folder
       (f32, sdpa, PIL processor, torch threads T = 2), then for N interleaved repetitions measures, each with
       a new 640x480 image (never seen: cold):
@@ -23,9 +29,12 @@
       `generate`, which is what transformers offers without a server). It prints the weight-read floor: the
       decoder's f32 weight bytes per token over this machine's read bandwidth: the faster of torch's
       vectorised, threaded sum and our AVX-512 sum (benches/cpu_gemm.rs) over 1 GiB, best of 5 each.
-      llama.cpp is not run: its llava-hf conversion is the legacy surgery path and is not exact (issue 14).
+      With --llama-cpp, llama.cpp's server runs the same requests as ours through the same OpenAI API
+      (its f32 and f16 GGUF, one slot each for single streams, 16 slots for the concurrent runs; its vision
+      time from llama-mtmd-cli on the same image), and the last column compares ours with the faster peer.
 
-Needs: torch==2.15.0, transformers==5.24.0, pillow==13.0.0, safetensors, numpy, requests; a release build
+Needs: torch==2.15.0, transformers==5.24.0, pillow==13.0.0, safetensors, numpy, requests (make-gguf also
+pyyaml, tqdm and sentencepiece, for llama.cpp's gguf-py and converter); a release build
 (`cargo build --release`). Results go in benches/results/<date>-cpu-side-by-side.md.
 """
 
@@ -50,6 +59,9 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_cpp_peer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "tiny"
@@ -200,6 +212,7 @@ class Hf:
 class Ours:
     def __init__(self, binary, model_dir, port, threads, extra=()):
         env = dict(os.environ, RAYON_NUM_THREADS=str(threads), RUST_LOG="warn")
+        self.model_name = "mid"
         self.base = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [binary, "serve", "--model", model_dir, "--port", str(port), "--dtype", "f32",
@@ -224,33 +237,44 @@ class Ours:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
-    def stream(self, img_url, max_tokens, record):
-        """One streamed chat request; appends (t_start, chunk times, completion tokens) to record."""
-        body = {"model": "mid", "stream": True, "max_tokens": max_tokens, "ignore_eos": True,
-                "temperature": 0, "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": img_url}},
-                    {"type": "text", "text": QUESTION}]}]}
-        t0 = time.perf_counter()
-        times, tokens = [], None
-        with requests.post(self.base + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                    times.append(time.perf_counter())
-        record.append((t0, times, tokens))
+
+def stream(server, img_url, max_tokens, record):
+    """One streamed chat request to server (ours or llama-server: the same OpenAI API); appends
+    (t_start, content chunk times, completion tokens) to record."""
+    body = {"model": server.model_name, "stream": True, "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": img_url}},
+                {"type": "text", "text": QUESTION}]}]}
+    t0 = time.perf_counter()
+    times, tokens = [], None
+    with requests.post(server.base + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+    record.append((t0, times, tokens if tokens is not None else len(times)))
 
 
-def concurrent(ours, urls):
+def single(server, img_url, max_tokens):
+    """(time to first content chunk, decode tok/s from the first chunk to the last) of one streamed request."""
+    rec = []
+    stream(server, img_url, max_tokens, rec)
+    t0, times, tokens = rec[0]
+    rate = (tokens - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    return times[0] - t0, rate
+
+
+def concurrent(server, urls):
     record, threads = [], []
     t0 = time.perf_counter()
     for url in urls:
-        th = threading.Thread(target=ours.stream, args=(url, FORCED, record))
+        th = threading.Thread(target=stream, args=(server, url, FORCED, record))
         th.start()
         threads.append(th)
     for th in threads:
@@ -278,39 +302,52 @@ def run(args):
     floor_tps = bw * 1e9 / decoder_f32_bytes(config)
     print(f"read bandwidth {bw:.1f} GB/s; decoder f32 weights {decoder_f32_bytes(config) / 1e9:.3f} GB "
           f"-> floor {floor_tps:.1f} tok/s", flush=True)
+    if args.llama_cpp and not llama_cpp_peer.gguf_ready(args.gguf):
+        raise SystemExit(f"no GGUF files in {args.gguf}: run `make-gguf --llama-cpp-src SRC` first")
     hf = Hf(model_dir, args.threads)
-    ours = Ours(args.server, model_dir, args.port, args.threads)
-    # The opt-in f16-weight path, idle while the others run.
-    f16 = Ours(args.server, model_dir, args.port + 1, args.threads, ["--cpu-f16-weights"])
-    f16_decode = []
-    rows = {k: ([], []) for k in ("ttft", "vision", "decode")}
+    servers = {"ours": Ours(args.server, model_dir, args.port, args.threads),
+               # the opt-in f16-weight path, idle while the others run
+               "ours f16": Ours(args.server, model_dir, args.port + 1, args.threads, ["--cpu-f16-weights"])}
+    if args.llama_cpp:  # one slot each, so that no other slot's cached prompt widens its attention
+        for i, (name, weights) in enumerate((("llama.cpp", "f32"), ("llama.cpp f16", "f16"))):
+            servers[name] = llama_cpp_peer.LlamaCpp(args.llama_cpp, args.gguf, weights, args.port + 2 + i,
+                                                    args.threads, 1, Path(args.gguf) / f"server-{weights}.log")
+    peers = ["HF"] + (["llama.cpp"] if args.llama_cpp else [])
+    rows = {k: {p: [] for p in peers + ["ours"]} for k in ("ttft", "vision", "decode")}
+    f16 = {"ours": [], "llama.cpp": []}
+    multi = {}
     try:
         seed = int(time.time())
         for rep in range(args.reps):
             img = new_image(seed + rep)
             ttft, vision, n_ids = hf.ttft(img)
             _, rate = hf.generate([new_image(seed + 1000 + rep)], FORCED)
-            rows["ttft"][0].append(ttft)
-            rows["vision"][0].append(vision)
-            rows["decode"][0].append(rate)
-            enc0 = ours.encode_seconds()
-            rec = []
-            ours.stream(data_url(new_image(seed + 2000 + rep)), 1, rec)
-            rows["ttft"][1].append(rec[0][1][0] - rec[0][0])
-            rows["vision"][1].append(ours.encode_seconds() - enc0)
-            rec = []
-            ours.stream(data_url(new_image(seed + 3000 + rep)), FORCED, rec)
-            t0, times, tokens = rec[0]
-            rows["decode"][1].append((tokens - 1) / (times[-1] - times[0]))
-            rec = []
-            f16.stream(data_url(new_image(seed + 7000 + rep)), FORCED, rec)
-            t0, times, tokens = rec[0]
-            f16_decode.append((tokens - 1) / (times[-1] - times[0]))
-            print(f"rep {rep}: prompt {n_ids} ids; HF ttft {ttft:.2f} s, ours {rows['ttft'][1][-1]:.2f} s; "
-                  f"decode HF {rows['decode'][0][-1]:.1f}, ours {rows['decode'][1][-1]:.1f} tok/s", flush=True)
-        shared = data_url(new_image(seed + 4000))
-        one = concurrent(ours, [shared] * STREAMS)
-        many = concurrent(ours, [data_url(new_image(seed + 5000 + i)) for i in range(STREAMS)])
+            for key, value in (("ttft", ttft), ("vision", vision), ("decode", rate)):
+                rows[key]["HF"].append(value)
+            for i, name in enumerate(p for p in ("ours", "llama.cpp") if p in servers):
+                server, base = servers[name], seed + 10000 * (i + 1) + 100 * rep
+                if name == "ours":
+                    enc0 = server.encode_seconds()
+                    rows["ttft"][name].append(single(server, data_url(new_image(base)), 1)[0])
+                    rows["vision"][name].append(server.encode_seconds() - enc0)
+                else:
+                    rows["ttft"][name].append(single(server, data_url(new_image(base)), 1)[0])
+                    rows["vision"][name].append(server.vision_seconds(new_image(base), QUESTION))
+                rows["decode"][name].append(single(server, data_url(new_image(base + 1)), FORCED)[1])
+                f16[name].append(single(servers[name + " f16"], data_url(new_image(base + 2)), FORCED)[1])
+            print(f"rep {rep}: prompt {n_ids} ids; " + "; ".join(
+                f"{p} ttft {rows['ttft'][p][-1]:.2f} s, decode {rows['decode'][p][-1]:.1f} tok/s"
+                for p in rows["ttft"]), flush=True)
+        for name in [n for n in servers if n != "ours"]:
+            servers.pop(name).close()
+        multi["ours"] = (concurrent(servers["ours"], [data_url(new_image(seed + 4000))] * STREAMS),
+                         concurrent(servers["ours"], [data_url(new_image(seed + 5000 + i)) for i in range(STREAMS)]))
+        if args.llama_cpp:
+            servers["llama.cpp"] = llama_cpp_peer.LlamaCpp(args.llama_cpp, args.gguf, "f32", args.port + 2,
+                                                           args.threads, STREAMS, Path(args.gguf) / "server-16.log")
+            multi["llama.cpp"] = (
+                concurrent(servers["llama.cpp"], [data_url(new_image(seed + 8000))] * STREAMS),
+                concurrent(servers["llama.cpp"], [data_url(new_image(seed + 9000 + i)) for i in range(STREAMS)]))
         hf_batch = None
         if not args.no_hf_batch:
             imgs = [new_image(seed + 6000 + i) for i in range(STREAMS)]
@@ -318,30 +355,46 @@ def run(args):
             total, rate = hf.generate(imgs, FORCED)
             hf_batch = {"agg": STREAMS * FORCED / total, "ttft": first, "decode": STREAMS * rate}
     finally:
-        ours.close()
-        f16.close()
-    single_tpot = 1 / statistics.median(rows["decode"][1])
+        for server in servers.values():
+            server.close()
+    print_table(args, rows, f16, multi, hf_batch, floor_tps, bw, read_kernel)
+
+
+def print_table(args, rows, f16, multi, hf_batch, floor_tps, bw, read_kernel):
+    med = statistics.median
+    peers = [p for p in rows["ttft"] if p != "ours"]
+    lc = "llama.cpp" in peers
     print()
-    print(f"| figure ({args.reps} interleaved reps, cold images) | HF transformers {transformers.__version__} "
-          f"(torch {torch.__version__.split('+')[0]}, sdpa) | ours | ours / HF |")
-    print("|---|---|---|---|")
-    for key, label, unit, better_low in (("ttft", "cold TTFT", " s", True), ("vision", "vision + projector", " s", True),
-                                         ("decode", "decode, one stream", " tok/s", False)):
-        h, o = rows[key]
-        ratio = statistics.median(o) / statistics.median(h)
-        print(f"| {label} | {fmt_range(h, unit)} | {fmt_range(o, unit)} | {ratio:.2f}× "
-              f"({'lower' if better_low else 'higher'} is better) |")
-    print(f"| decode, one stream, `--cpu-f16-weights` | — | {fmt_range(f16_decode, ' tok/s')} | "
-          f"{statistics.median(f16_decode) / statistics.median(rows['decode'][0]):.2f}× |")
-    for name, r in (("16 streams, one shared image", one), ("16 streams, 16 different images", many)):
-        hb = (f"static batch: {hf_batch['agg']:.1f} tok/s (decode phase {hf_batch['decode']:.1f}, "
-              f"TTFT {hf_batch['ttft']:.1f} s)") if hf_batch and "different" in name else "—"
-        print(f"| {name}, aggregate | {hb} | {r['agg']:.1f} tok/s (decode phase {r['decode']:.1f} tok/s; "
-              f"TTFT p50 {r['ttft_p50']:.1f} s, p99 {r['ttft_p99']:.1f} s) | |")
-        print(f"| {name}: decode step at 16 vs 1 | — | {r['tpot'] * 1e3:.0f} ms vs "
-              f"{single_tpot * 1e3:.0f} ms ({r['tpot'] / single_tpot:.1f}×) | |")
-    print(f"| weight-read floor, one stream | — | {floor_tps:.1f} tok/s ({bw:.1f} GB/s read, {read_kernel}, "
-          f"{args.threads} threads); ours at {statistics.median(rows['decode'][1]) / floor_tps:.0%} of it | |")
+    head = [f"HF transformers {transformers.__version__} (torch {torch.__version__.split('+')[0]}, sdpa)"]
+    if lc:
+        head.append(f"llama.cpp ({llama_cpp_peer.describe(args.llama_cpp)}; f32 GGUF, its default f16 KV cache)")
+    print(f"| figure ({args.reps} interleaved reps, cold images) | " + " | ".join(head) + " | ours | ours / faster peer |")
+    print("|---" * (len(head) + 3) + "|")
+    for key, label, unit, low in (("ttft", "cold TTFT", " s", True), ("vision", "vision + projector", " s", True),
+                                  ("decode", "decode, one stream", " tok/s", False)):
+        best = (min if low else max)(med(rows[key][p]) for p in peers)
+        cells = [fmt_range(rows[key][p], unit) for p in peers + ["ours"]]
+        print(f"| {label} | " + " | ".join(cells) + f" | {med(rows[key]['ours']) / best:.2f}× "
+              f"({'lower' if low else 'higher'} is better) |")
+    lc_f16 = [fmt_range(f16["llama.cpp"], " tok/s") + " (f16 GGUF)"] if lc else []
+    ratio = (f"{med(f16['ours']) / med(f16['llama.cpp']):.2f}× llama.cpp f16" if lc else
+             f"{med(f16['ours']) / med(rows['decode']['HF']):.2f}× HF f32")
+    print("| decode, one stream, f16 weights (`--cpu-f16-weights`) | — | " + " | ".join(lc_f16) +
+          f"{' | ' if lc else ''}{fmt_range(f16['ours'], ' tok/s')} | {ratio} |")
+    for i, name in enumerate(("16 streams, one shared image", "16 streams, 16 different images")):
+        cells = [(f"static batch: {hf_batch['agg']:.1f} tok/s (decode phase {hf_batch['decode']:.1f}, "
+                  f"TTFT {hf_batch['ttft']:.1f} s)") if hf_batch and i == 1 else "—"]
+        steps = ["—"]
+        for p in (["llama.cpp"] if lc else []) + ["ours"]:
+            r, one = multi[p][i], 1 / med(rows["decode"][p])
+            cells.append(f"{r['agg']:.1f} tok/s (decode phase {r['decode']:.1f} tok/s; "
+                         f"TTFT p50 {r['ttft_p50']:.1f} s, p99 {r['ttft_p99']:.1f} s)")
+            steps.append(f"{r['tpot'] * 1e3:.0f} ms vs {one * 1e3:.0f} ms ({r['tpot'] / one:.1f}×)")
+        print(f"| {name}, aggregate | " + " | ".join(cells) + " | |")
+        print(f"| {name}: decode step at 16 vs 1 | " + " | ".join(steps) + " | |")
+    print(f"| weight-read floor, one stream | — | " + ("— | " if lc else "") +
+          f"{floor_tps:.1f} tok/s ({bw:.1f} GB/s read, {read_kernel}, {args.threads} threads); "
+          f"ours at {med(rows['decode']['ours']) / floor_tps:.0%} of it | |")
 
 
 def main():
@@ -356,9 +409,20 @@ def main():
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--port", type=int, default=18614)
     r.add_argument("--no-hf-batch", action="store_true")
+    r.add_argument("--llama-cpp", help="a llama-server binary: llama.cpp runs as a third peer")
+    g = sub.add_parser("make-gguf")
+    g.add_argument("--llama-cpp-src", required=True, help="llama.cpp's source tree (its conversion scripts)")
+    for q in (r, g):
+        q.add_argument("--gguf", default=str(ROOT / "target" / "llava-mid-gguf"))
+    g.add_argument("--model", default=str(ROOT / "target" / "llava-mid"))
     args = ap.parse_args()
     transformers.logging.set_verbosity_error()
-    make_mid(args) if args.mode == "make-mid" else run(args)
+    if args.mode == "make-mid":
+        make_mid(args)
+    elif args.mode == "make-gguf":
+        llama_cpp_peer.make_gguf(str(Path(args.model).resolve()), args.llama_cpp_src, args.gguf)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -47,16 +47,13 @@ impl EncoderLayer {
         })
     }
 
-    fn store_weights_transposed(&mut self) -> candle_core::Result<()> {
-        for linear in [
+    fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [
             &mut self.qkv_proj,
             &mut self.out_proj,
             &mut self.fc1,
             &mut self.fc2,
-        ] {
-            linear.store_transposed()?;
-        }
-        Ok(())
+        ]
     }
 
     /// `x`: `[batch, tokens, hidden]`.
@@ -142,7 +139,16 @@ impl ClipVisionTower {
     pub fn store_weights_transposed(&mut self) -> candle_core::Result<()> {
         self.layers
             .iter_mut()
-            .try_for_each(EncoderLayer::store_weights_transposed)
+            .flat_map(EncoderLayer::linears_mut)
+            .try_for_each(Linear::store_transposed)
+    }
+
+    /// See `Linear::store_packed`.
+    pub fn store_weights_packed(&mut self) -> candle_core::Result<()> {
+        self.layers
+            .iter_mut()
+            .flat_map(EncoderLayer::linears_mut)
+            .try_for_each(Linear::store_packed)
     }
 
     /// Patch embedding as one matmul: a stride-`p` convolution without bias is exactly this.

@@ -7,16 +7,25 @@ use candle_nn::VarBuilder;
 use super::config::Activation;
 use super::cpu_kernels::{cpu_kernels_enabled, f32_slice};
 use super::cpu_math;
+use super::packed_gemm::PackedWeight;
 use super::small_gemm;
 
-/// `y = x Wᵀ (+ b)` for `x` of any rank; weights as stored by PyTorch (`[out, in]`), or transposed
-/// once at load for layers that only ever see many rows (`store_transposed`).
+/// `y = x Wᵀ (+ b)` for `x` of any rank; weights as stored by PyTorch (`[out, in]`), transposed once
+/// at load for layers that only ever see many rows (`store_transposed`), or packed for the CPU
+/// kernel that serves every row count (`store_packed`).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`, or `[in, out]` when `transposed`.
-    weight: Tensor,
+    weight: Stored,
     bias: Option<Tensor>,
-    transposed: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Stored {
+    /// `[out, in]`.
+    Rows(Tensor),
+    /// `[in, out]`.
+    Transposed(Tensor),
+    Packed(PackedWeight),
 }
 
 impl Linear {
@@ -32,11 +41,14 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self {
-            weight,
+        Ok(Self::with_bias(weight, bias))
+    }
+
+    fn with_bias(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: Stored::Rows(weight),
             bias,
-            transposed: false,
-        })
+        }
     }
 
     /// Several projections of the same input as one: weights (and biases) stacked along the output
@@ -50,26 +62,24 @@ impl Linear {
             .iter()
             .map(|(vb, out_dim)| Self::load(vb.clone(), in_dim, *out_dim, bias))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let weights: Vec<&Tensor> = loaded.iter().map(|l| &l.weight).collect();
+        let weights = loaded
+            .iter()
+            .map(|l| match &l.weight {
+                Stored::Rows(w) => Ok(w),
+                _ => candle_core::bail!("a freshly loaded weight is stored as rows"),
+            })
+            .collect::<candle_core::Result<Vec<&Tensor>>>()?;
         let bias = if bias {
             let biases: Vec<&Tensor> = loaded.iter().filter_map(|l| l.bias.as_ref()).collect();
             Some(Tensor::cat(&biases, 0)?)
         } else {
             None
         };
-        Ok(Self {
-            weight: Tensor::cat(&weights, 0)?,
-            bias,
-            transposed: false,
-        })
+        Ok(Self::with_bias(Tensor::cat(&weights, 0)?, bias))
     }
 
     pub fn from_weight(weight: Tensor) -> Self {
-        Self {
-            weight,
-            bias: None,
-            transposed: false,
-        }
+        Self::with_bias(weight, None)
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -85,30 +95,47 @@ impl Linear {
     }
 
     fn out_dim(&self) -> candle_core::Result<usize> {
-        self.weight.dim(if self.transposed { 1 } else { 0 })
+        match &self.weight {
+            Stored::Rows(w) => w.dim(0),
+            Stored::Transposed(w) => w.dim(1),
+            Stored::Packed(p) => Ok(p.out_dim()),
+        }
     }
 
     /// Stores the weight as `Wᵀ` (`[in, out]`, contiguous) for layers that only see prefill-sized
     /// inputs (the vision tower, the projector). On the CPU, `gemm` multiplies by a contiguous `[in,
     /// out]` matrix 5–20% faster than by the transposed view of `[out, in]` (mid checkpoint shapes at
     /// 577 rows, e.g. CLIP's fc2 11.9 → 9.4 ms), and the bias becomes the product's starting value
-    /// instead of another pass. `small_gemm` needs the `[out, in]` rows, so the decoder keeps them.
+    /// instead of another pass. Where `packed_gemm` runs, packed layers are faster still (`store_packed`).
     pub fn store_transposed(&mut self) -> candle_core::Result<()> {
-        if !self.transposed {
-            self.weight = self.weight.t()?.contiguous()?;
-            self.transposed = true;
+        if let Stored::Rows(w) = &self.weight {
+            self.weight = Stored::Transposed(w.t()?.contiguous()?);
+        }
+        Ok(())
+    }
+
+    /// Packs the `[out, in]` weight for `packed_gemm` where this CPU runs it (f32 or f16 weights,
+    /// AVX-512, CPU kernels on) and keeps only the packed copy; leaves it as it is otherwise. The
+    /// layer then multiplies only f32 rows: the caller packs the decoder of an f32 CPU model.
+    pub fn store_packed(&mut self) -> candle_core::Result<()> {
+        if let Stored::Rows(w) = &self.weight {
+            if let Some(packed) = PackedWeight::pack(w)? {
+                self.weight = Stored::Packed(packed);
+            }
         }
         Ok(())
     }
 
     fn forward_2d(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let out = if self.transposed {
-            if let Some(out) = gemm_with_bias(x, &self.weight, self.bias.as_ref())? {
-                return Ok(out);
+        let out = match &self.weight {
+            Stored::Transposed(w) => {
+                if let Some(out) = gemm_with_bias(x, w, self.bias.as_ref())? {
+                    return Ok(out);
+                }
+                x.matmul(w)?
             }
-            x.matmul(&self.weight)?
-        } else {
-            self.matmul_2d(x)?
+            Stored::Rows(w) => matmul_rows(x, w)?,
+            Stored::Packed(p) => p.matmul(x)?,
         };
         match &self.bias {
             Some(b) => out.broadcast_add(b),
@@ -177,24 +204,27 @@ fn gemm_with_bias(
     Tensor::from_vec(out, (m, n), x.device()).map(Some)
 }
 
-impl Linear {
-    /// Decode-sized f32 inputs on the CPU stream the weights once (`small_gemm`); the rest is a GEMM.
-    fn matmul_2d(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match small_gemm::linear(x, &self.weight)? {
-            Some(out) => Ok(out),
-            // f16-stored weights meet f32 activations here only in prefill steps, where widening
-            // the weight (one pass over it) costs little beside the GEMM.
-            None if self.weight.dtype() != x.dtype() => {
-                x.matmul(&self.weight.to_dtype(x.dtype())?.t()?)
-            }
-            None => x.matmul(&self.weight.t()?),
-        }
+/// `x Wᵀ` for `[out, in]` rows: decode-sized f32 inputs on the CPU stream the weights once
+/// (`small_gemm`); the rest is a GEMM.
+fn matmul_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    match small_gemm::linear(x, w)? {
+        Some(out) => Ok(out),
+        // f16-stored weights meet f32 activations here only in prefill steps, where widening the
+        // weight (one pass over it) costs little beside the GEMM.
+        None if w.dtype() != x.dtype() => x.matmul(&w.to_dtype(x.dtype())?.t()?),
+        None => x.matmul(&w.t()?),
     }
+}
 
-    /// Keeps the weight in f16 (the bias as it is): `small_gemm` widens it to f32 in registers, so a
-    /// decode step reads half the bytes and computes in f32 (`--cpu-f16-weights`).
+impl Linear {
+    /// Keeps the weight in f16 (the bias as it is): the CPU kernels widen it to f32 in registers, so
+    /// a decode step reads half the bytes and computes in f32 (`--cpu-f16-weights`).
     pub fn store_weight_f16(&mut self) -> candle_core::Result<()> {
-        self.weight = self.weight.to_dtype(DType::F16)?;
+        self.weight = match &self.weight {
+            Stored::Rows(w) => Stored::Rows(w.to_dtype(DType::F16)?),
+            Stored::Transposed(w) => Stored::Transposed(w.to_dtype(DType::F16)?),
+            Stored::Packed(p) => Stored::Packed(p.to_f16()),
+        };
         Ok(())
     }
 }

@@ -306,17 +306,27 @@ impl LlamaDecoder {
     /// Every linear weight of the decoder (and the lm_head) stored in f16 from now on; see
     /// `Linear::store_weight_f16`.
     pub fn store_weights_f16(&mut self) -> candle_core::Result<()> {
-        for layer in &mut self.layers {
-            for linear in [
-                &mut layer.qkv_proj,
-                &mut layer.o_proj,
-                &mut layer.gate_up_proj,
-                &mut layer.down_proj,
-            ] {
-                linear.store_weight_f16()?;
-            }
-        }
-        self.lm_head.store_weight_f16()
+        self.linears_mut().try_for_each(Linear::store_weight_f16)
+    }
+
+    /// Every linear weight of the decoder (and the lm_head) packed for the CPU kernel that serves
+    /// both prefill and decode, where this CPU runs it; see `Linear::store_packed`. For f32 models.
+    pub fn store_weights_packed(&mut self) -> candle_core::Result<()> {
+        self.linears_mut().try_for_each(Linear::store_packed)
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|layer| {
+                [
+                    &mut layer.qkv_proj,
+                    &mut layer.o_proj,
+                    &mut layer.gate_up_proj,
+                    &mut layer.down_proj,
+                ]
+            })
+            .chain(std::iter::once(&mut self.lm_head))
     }
 
     /// Final norm and lm_head for the given rows of hidden states: `[rows, vocab]`.

@@ -20,6 +20,7 @@ pub mod layers;
 pub mod llama;
 pub mod llava;
 pub mod original;
+pub mod packed_gemm;
 pub mod projector;
 pub mod sampling;
 pub mod small_gemm;

@@ -43,6 +43,11 @@ impl Projector {
             .try_for_each(Linear::store_transposed)
     }
 
+    /// See `Linear::store_packed`.
+    pub fn store_weights_packed(&mut self) -> candle_core::Result<()> {
+        self.layers.iter_mut().try_for_each(Linear::store_packed)
+    }
+
     pub fn forward(&self, features: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.layers[0].forward(features)?;
         for layer in &self.layers[1..] {

@@ -14,6 +14,9 @@
 //! registers on AVX2; on AVX-512, one row takes 8 weight rows per pass and more rows tiles of 6 weight
 //! rows × 4 activation rows (24 accumulators) over L1-sized blocks of k, the next block prefetched
 //! while this one is multiplied; other CPUs get a portable loop.
+//!
+//! Where `packed_gemm` runs (AVX-512), an f32 model's layers are packed at load and never come here;
+//! this serves AVX2 CPUs, and its AVX-512 tiles stay as the baseline `cpu_gemm` compares the panels with.
 
 use candle_core::{CpuStorage, Storage, Tensor};
 
