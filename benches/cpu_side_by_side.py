@@ -217,14 +217,7 @@ class Ours:
         self.proc = subprocess.Popen(
             [binary, "serve", "--model", model_dir, "--port", str(port), "--dtype", "f32",
              "--served-model-name", "mid", "--max-num-seqs", "32", *extra], env=env)
-        for _ in range(600):
-            try:
-                if requests.get(self.base + "/health", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("server did not become healthy")
+        llama_cpp_peer.wait_until_healthy(self.base, self.proc, "our server")
 
     def close(self):
         self.proc.terminate()

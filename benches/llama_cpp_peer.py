@@ -102,16 +102,7 @@ class LlamaCpp:
             [str(binary), "-m", str(self.text), "--mmproj", str(self.mmproj), "--port", str(port),
              "-t", str(threads), "-tb", str(threads), "--parallel", str(parallel), "-c", str(slot_ctx * parallel)],
             stdout=self.log, stderr=subprocess.STDOUT)
-        for _ in range(600):
-            try:
-                if requests.get(self.base + "/health", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited; see {self.log_path}")
-            time.sleep(0.5)
-        raise RuntimeError("llama-server did not become healthy")
+        wait_until_healthy(self.base, self.proc, f"llama-server (log: {self.log_path})")
 
     def close(self):
         self.proc.terminate()
@@ -130,6 +121,20 @@ class LlamaCpp:
         if not found:
             raise RuntimeError("llama-mtmd-cli printed no encode time:\n" + (out.stdout + out.stderr)[-2000:])
         return int(found[-1]) / 1e3
+
+
+def wait_until_healthy(base, proc, name):
+    """Polls base/health (ours and llama-server both answer 200 when ready) for up to five minutes."""
+    for _ in range(600):
+        try:
+            if requests.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited")
+        time.sleep(0.5)
+    raise RuntimeError(f"{name} did not become healthy")
 
 
 def describe(binary):

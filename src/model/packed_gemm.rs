@@ -254,6 +254,25 @@ mod tests {
         out
     }
 
+    /// `packed`'s product with the `m × k` rows `x`, flattened.
+    fn product(packed: &PackedWeight, x: &[f32], m: usize, k: usize) -> Vec<f32> {
+        let x = Tensor::from_vec(x.to_vec(), (m, k), &Device::Cpu).unwrap();
+        let out = packed.matmul(&x).unwrap();
+        assert_eq!(out.dims(), &[m, packed.out_dim()]);
+        out.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Within f32 rounding of sums over at most a hundred products of magnitude below one.
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{what}: {g} vs {w}"
+            );
+        }
+    }
+
     fn runs_here() -> bool {
         if !has_avx512() {
             eprintln!("skipped: this CPU has no AVX-512");
@@ -277,16 +296,12 @@ mod tests {
                     .expect("packed");
             for m in [1usize, 3, 8, 9, 17, 40] {
                 let x = values(m * k, m + 1);
-                let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
-                let got = packed.matmul(&xt).unwrap();
-                assert_eq!(got.dims(), &[m, n]);
-                let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-                for (g, want) in got.iter().zip(definition(&x, &w, m, n, k)) {
-                    assert!(
-                        (*g as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "n {n} k {k} m {m}: {g} vs {want}"
-                    );
-                }
+                let got = product(&packed, &x, m, k);
+                assert_close(
+                    &got,
+                    &definition(&x, &w, m, n, k),
+                    &format!("n {n} k {k} m {m}"),
+                );
             }
         }
     }
@@ -313,23 +328,10 @@ mod tests {
                 .expect("packed")
                 .to_f16();
         let x = values(m * k, 3);
-        let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
         let want = definition(&x, &w, m, n, k);
         for packed in [direct, converted] {
             assert_eq!(packed.dtype(), DType::F16);
-            let got: Vec<f32> = packed
-                .matmul(&xt)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "{g} vs {w}"
-                );
-            }
+            assert_close(&product(&packed, &x, m, k), &want, "f16");
         }
     }
 
