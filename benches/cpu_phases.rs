@@ -98,6 +98,11 @@ fn attention_alone(
 
 fn main() -> anyhow::Result<()> {
     llava_server::model::fix_cpu_thread_count();
+    // On a worker of the compute pool, as the server runs its CPU steps (`engine::step`).
+    rayon::scope(|_| phases())
+}
+
+fn phases() -> anyhow::Result<()> {
     let default_dir = std::path::Path::new("target/llava-mid");
     let spec = arg("--model").unwrap_or_else(|| match default_dir.is_dir() {
         true => default_dir.display().to_string(),

@@ -278,7 +278,11 @@ def concurrent(server, urls):
     # Decode phase: from the last stream's first token to the first stream's end, every stream decoding.
     start, end = max(r[1][0] for r in record), min(r[1][-1] for r in record)
     in_window = sum(sum(start < t <= end for t in r[1]) * r[2] / len(r[1]) for r in record)
-    tpot = statistics.median((r[1][-1] - r[1][0]) / (len(r[1]) - 1) for r in record)
+    # The decode step: the median gap between a stream's chunks inside the decode phase (outside it, gaps
+    # include other streams' prefills); the whole stream's mean gap if the phase holds too few.
+    gaps = [b - a for r in record for a, b in zip(r[1], r[1][1:]) if start <= a and b <= end]
+    tpot = statistics.median(gaps) if len(gaps) >= STREAMS else \
+        statistics.median((r[1][-1] - r[1][0]) / (len(r[1]) - 1) for r in record)
     return {"agg": tokens / wall, "decode": in_window / (end - start) if end > start else float("nan"),
             "ttft_p50": ttfts[len(ttfts) // 2], "ttft_p99": ttfts[-1], "tpot": tpot, "wall": wall}
 

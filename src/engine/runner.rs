@@ -227,6 +227,11 @@ impl ModelRunner {
         self.pending.retain(|&(s, _), _| s != seq);
     }
 
+    /// Whether steps run on the CPU (their parallel ops on the rayon pool).
+    pub fn on_cpu(&self) -> bool {
+        self.model.device().is_cpu()
+    }
+
     /// `plan` says how the sampling rows (in batch order) get their tokens.
     pub fn execute(
         &mut self,

@@ -133,7 +133,16 @@ impl EngineCore {
             let masks = sampler
                 .has_constrained(sampling)
                 .then(|| scope.spawn(|| sampler.prepare_masks(sampling)));
-            let result = runner.execute(&batch, plan);
+            // On the CPU the step runs on a worker of the compute pool (the engine thread waits
+            // once per step) rather than here, where every parallel op of the step would hand its
+            // work to the pool and wait for it: about sixty sleeps and wake-ups per decode step, 10%
+            // of the server's samples in the scheduler. One stream decoded 1.00–1.23× as fast
+            // (median 1.067×, 10 interleaved pairs of 128 tokens on the mid checkpoint). A GPU step
+            // stays on this thread, where its CUDA context and graphs were made.
+            let result = match runner.on_cpu() {
+                true => rayon::scope(|_| runner.execute(&batch, plan)),
+                false => runner.execute(&batch, plan),
+            };
             if let Some(masks) = masks {
                 if let Err(panic) = masks.join() {
                     std::panic::resume_unwind(panic);
