@@ -5,7 +5,7 @@
 //!   cargo bench --bench cpu_gemm -- --read-floor   (the read bandwidth and the FMA peak, for
 //!                                                    cpu_side_by_side.py's floors)
 //!   cargo bench --bench cpu_gemm -- --stream       (one-row GEMV from memory against the read floor)
-//!   cargo bench --bench cpu_gemm -- --packed-prototype   (small_gemm beside packed-panel weights)
+//!   cargo bench --bench cpu_gemm -- --packed       (the packed panels beside small_gemm, per shape)
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -77,11 +77,11 @@ fn main() {
         streaming_gemv();
         return;
     }
-    let dev = Device::Cpu;
-    if std::env::args().any(|a| a == "--packed-prototype") {
-        packed_prototype::compare();
+    if std::env::args().any(|a| a == "--packed") {
+        packed_beside_small_gemm();
         return;
     }
+    let dev = Device::Cpu;
     // (name, out, in): the mid decoder's merged qkv, merged gate/up, down and lm_head.
     let shapes = [
         ("qkv 1024→3072", 3072, 1024),
@@ -265,152 +265,58 @@ unsafe fn fma_chains(steps: usize) -> f32 {
     acc.iter().map(|c| _mm512_reduce_add_ps(*c)).sum()
 }
 
-/// A prototype for the next step of issue 14: weights packed once into panels of 32 output columns
-/// (`[n/32][k][32]`), multiplied by broadcasting each activation and accumulating 8 rows × 32 columns
-/// in 16 registers, the products written as `[m][n]` directly. No horizontal sums and each activation
-/// block stays in L1, where `small_gemm`'s dot-product tiles re-read the activations from L2 for every
-/// tile. Not used by the server yet: the decoder would have to keep only the packed copy (the
-/// `[out, in]` one feeds candle's prefill GEMM), so prefill would have to run on it too.
-mod packed_prototype {
-    use super::{best_of, fma_peak_gflops};
-    use llava_server::model::small_gemm;
-    use rayon::prelude::*;
-
-    const NR: usize = 32;
-    const MR: usize = 8;
-
-    pub fn compare() {
-        let shapes = [
-            (3072usize, 1024usize),
-            (5632, 1024),
-            (1024, 2816),
-            (32064, 1024),
-        ];
-        println!("| n × k | rows | small_gemm GFLOP/s | packed panels | plain Wᵀ (`[k][n]`) |");
-        println!("|---|---|---|---|---|");
-        for (n, k) in shapes {
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 7919) % 101) as f32 * 0.01 - 0.5)
-                .collect();
-            let packed = pack(&w, n, k);
-            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
-            for m in [8usize, 16, 32, 600] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 31) % 53) as f32 * 0.02 - 0.5)
-                    .collect();
-                let a = small_gemm::matmul_transposed(&x, &w, m, n, k);
-                for b in [
-                    matmul(&x, &packed, m, n, k, true),
-                    matmul(&x, &wt, m, n, k, false),
-                ] {
-                    let diff = a
-                        .iter()
-                        .zip(&b)
-                        .map(|(p, q)| (p - q).abs())
-                        .fold(0f32, f32::max);
-                    assert!(diff < 1e-3, "{n}×{k} m={m}: results differ by {diff}");
-                }
-                // Interleaved, best of 3 rounds of 5 each: the host's speed moves within seconds.
-                let (mut t0, mut t1, mut t2) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
-                for _ in 0..3 {
-                    t0 = t0.min(best_of(5, || {
-                        std::hint::black_box(small_gemm::matmul_transposed(&x, &w, m, n, k));
-                    }));
-                    t1 = t1.min(best_of(5, || {
-                        std::hint::black_box(matmul(&x, &packed, m, n, k, true));
-                    }));
-                    t2 = t2.min(best_of(5, || {
-                        std::hint::black_box(matmul(&x, &wt, m, n, k, false));
-                    }));
-                }
-                let flops = 2.0 * (n * m * k) as f64;
-                println!(
-                    "| {n} × {k} | {m} | {:.0} | {:.0} ({:.2}×) | {:.0} ({:.2}×) |",
-                    flops / t0 / 1e9,
-                    flops / t1 / 1e9,
-                    t0 / t1,
-                    flops / t2 / 1e9,
-                    t0 / t2
-                );
+/// The packed panels the server uses on AVX-512 (`packed_gemm`) beside `small_gemm`'s tiles over the
+/// `[out, in]` rows, per decoder shape at decode and prefill row counts, interleaved (the host's speed
+/// moves within seconds). The weights stay in L3 between calls here: this is the arithmetic, not the
+/// memory (`--stream` is the memory).
+fn packed_beside_small_gemm() {
+    use llava_server::model::packed_gemm::PackedWeight;
+    let dev = Device::Cpu;
+    let shapes = [
+        (3072usize, 1024usize),
+        (5632, 1024),
+        (1024, 2816),
+        (32064, 1024),
+    ];
+    println!("| n × k | rows | small_gemm GFLOP/s | packed panels GFLOP/s | panels / small_gemm |");
+    println!("|---|---|---|---|---|");
+    for (n, k) in shapes {
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
+        let ws = flat(&w);
+        let packed = PackedWeight::pack(&w)
+            .unwrap()
+            .expect("AVX-512 and the CPU kernels");
+        for m in [8usize, 16, 32, 600] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let xs = flat(&x);
+            let (a, b) = (
+                small_gemm::matmul_transposed(&xs, &ws, m, n, k),
+                flat(&packed.matmul(&x).unwrap()),
+            );
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-3, "{n}×{k} m={m}: results differ by {diff}");
+            // Best of 3 interleaved rounds of 5 each.
+            let (mut rows, mut panels) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..3 {
+                rows = rows.min(best_of(5, || {
+                    std::hint::black_box(small_gemm::matmul_transposed(&xs, &ws, m, n, k));
+                }));
+                panels = panels.min(best_of(5, || {
+                    std::hint::black_box(packed.matmul(&x).unwrap());
+                }));
             }
-        }
-        println!("\nFMA peak of the pool: {:.0} GFLOP/s", fma_peak_gflops());
-    }
-
-    /// `[n/32][k][32]`, the last panel zero-padded.
-    fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
-        let mut p = vec![0f32; n.div_ceil(NR) * k * NR];
-        for j in 0..n {
-            for kk in 0..k {
-                p[((j / NR) * k + kk) * NR + j % NR] = w[j * k + kk];
-            }
-        }
-        p
-    }
-
-    /// `packed`: `p` is `[n/32][k][32]`; otherwise it is `Wᵀ`, `[k][n]` (n a multiple of 32).
-    fn matmul(x: &[f32], p: &[f32], m: usize, n: usize, k: usize, packed: bool) -> Vec<f32> {
-        let mut out = vec![0f32; m * n];
-        // A task: two panels (64 columns) for every row; each task writes only its own columns.
-        let panels = n.div_ceil(NR);
-        let out_at = out.as_mut_ptr() as usize;
-        (0..panels.div_ceil(2)).into_par_iter().for_each(|t| {
-            for panel in 2 * t..(2 * t + 2).min(panels) {
-                let cols = (n - panel * NR).min(NR);
-                for i in (0..m).step_by(MR) {
-                    // SAFETY: AVX-512F (the bench's host has it); rows i.. of x, the panel and
-                    // out's rows i.. at the panel's columns are in bounds; tasks write disjoint columns.
-                    unsafe {
-                        let (at, ld) = if packed {
-                            (panel * k * NR, NR)
-                        } else {
-                            (panel * NR, n)
-                        };
-                        kernel(
-                            &x[i * k..],
-                            k,
-                            &p[at..],
-                            ld,
-                            (out_at as *mut f32).add(i * n + panel * NR),
-                            n,
-                            (m - i).min(MR),
-                            cols,
-                        )
-                    };
-                }
-            }
-        });
-        out
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel(
-        x: &[f32],
-        k: usize,
-        panel: &[f32],
-        ld: usize,
-        out: *mut f32,
-        n: usize,
-        rows: usize,
-        cols: usize,
-    ) {
-        use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let xr: [*const f32; MR] = std::array::from_fn(|i| x.as_ptr().add(i.min(rows - 1) * k));
-        for kk in 0..k {
-            let w0 = _mm512_loadu_ps(panel.as_ptr().add(kk * ld));
-            let w1 = _mm512_loadu_ps(panel.as_ptr().add(kk * ld + 16));
-            for (a, row) in acc.iter_mut().zip(xr) {
-                let xb = _mm512_set1_ps(*row.add(kk));
-                a[0] = _mm512_fmadd_ps(xb, w0, a[0]);
-                a[1] = _mm512_fmadd_ps(xb, w1, a[1]);
-            }
-        }
-        let mask = |c: usize| -> __mmask16 { ((1u32 << c.min(16)) - 1) as __mmask16 };
-        for (i, a) in acc.iter().enumerate().take(rows) {
-            _mm512_mask_storeu_ps(out.add(i * n), mask(cols), a[0]);
-            _mm512_mask_storeu_ps(out.add(i * n + 16), mask(cols.saturating_sub(16)), a[1]);
+            let flops = 2.0 * (n * m * k) as f64;
+            println!(
+                "| {n} × {k} | {m} | {:.0} | {:.0} | {:.2}× |",
+                flops / rows / 1e9,
+                flops / panels / 1e9,
+                rows / panels
+            );
         }
     }
+    println!("\nFMA peak of the pool: {:.0} GFLOP/s", fma_peak_gflops());
 }

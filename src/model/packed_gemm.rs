@@ -7,7 +7,7 @@
 //! directly. `small_gemm`'s dot-product tiles over the `[out, in]` rows re-read the activations from L2
 //! for every tile and sum every accumulator across its lanes; on the mid checkpoint's shapes at 16
 //! rows these panels ran 1.5–3.4× faster, and at 600 rows (prefill) 3–6× faster than those tiles and
-//! ahead of candle's GEMM (`cargo bench --bench cpu_gemm -- --packed-prototype`, then the server's
+//! ahead of candle's GEMM (`cargo bench --bench cpu_gemm -- --packed`, then the server's
 //! own figures in the results file). The decoder keeps only the packed copy, so prefill and decode
 //! both run here.
 //!
@@ -15,7 +15,7 @@
 //! another order (the HF parity tests' tolerances cover it). f16 panels (`--cpu-f16-weights`) are
 //! widened to f32 in registers.
 
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{CpuStorage, Storage, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
@@ -113,13 +113,6 @@ impl PackedWeight {
             }
         };
         Tensor::from_vec(out, (m, self.out_dim()), x.device())
-    }
-
-    pub fn dtype(&self) -> DType {
-        match self {
-            Self::F32(_) => DType::F32,
-            Self::F16(_) => DType::F16,
-        }
     }
 }
 
@@ -233,7 +226,7 @@ unsafe fn tile_rows<W: Weight, const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn values(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
@@ -330,7 +323,7 @@ mod tests {
         let x = values(m * k, 3);
         let want = definition(&x, &w, m, n, k);
         for packed in [direct, converted] {
-            assert_eq!(packed.dtype(), DType::F16);
+            assert!(matches!(packed, PackedWeight::F16(_)));
             assert_close(&product(&packed, &x, m, k), &want, "f16");
         }
     }
